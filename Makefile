@@ -1,0 +1,33 @@
+# scproto — common tasks. `make help` lists them.
+PYTHON ?= python
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: help install train test test-all lint format clean
+
+help:  ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install:  ## install the project and its dev tools (CPU torch first where torch is missing)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_CPU)
+	$(PYTHON) -m pip install -e '.[dev]'
+
+train: install  ## train on the embedded synthetic data (outputs/train/runs/<time>/)
+	$(PYTHON) train.py
+
+test:  ## the default test suite (skips tests marked slow)
+	$(PYTHON) -m pytest -m "not slow" -q
+
+test-all:  ## every test, slow ones included
+	$(PYTHON) -m pytest -q
+
+lint:  ## ruff lint + format check
+	$(PYTHON) -m ruff check scproto tests scripts train.py
+	$(PYTHON) -m ruff format --check scproto tests scripts train.py
+
+format:  ## apply ruff fixes and formatting
+	$(PYTHON) -m ruff check --fix scproto tests scripts train.py
+	$(PYTHON) -m ruff format scproto tests scripts train.py
+
+clean:  ## remove caches and build files (not outputs/)
+	rm -rf .pytest_cache .ruff_cache .cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,90 @@
+"""The user-facing model object: load a trained scProto model and apply it to AnnData."""
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from scproto.data.preprocess import InputSpec, log_normalized, select_genes, source_matrix
+from scproto.errors import ScProtoInputError
+from scproto.model.module import ScProtoModule
+
+
+class ScProto:
+    """A trained scProto model.
+
+    >>> model = ScProto.load("outputs/run/checkpoints/last.ckpt")
+    >>> adata.obsm["X_scproto"] = model.get_latent(adata)
+    >>> prototype, similarity = model.assign_prototypes(adata)
+    """
+
+    def __init__(self, module: ScProtoModule) -> None:
+        self.module = module.eval()
+        self.registry = module.registry
+        self.spec = InputSpec.from_dict(self.registry["input_spec"])
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str = "cpu") -> "ScProto":
+        path = Path(path)
+        if not path.is_file():
+            raise ScProtoInputError(f"Checkpoint not found: {path.resolve()}.")
+        module = ScProtoModule.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+        if not module.registry:
+            raise ScProtoInputError(f"{path} is not an scProto checkpoint (it has no registry).")
+        return cls(module)
+
+    # ----------------------------------------------------------------- inputs
+    @property
+    def studies(self) -> list[str]:
+        return list(self.registry["studies"])
+
+    def study_codes(self, adata: ad.AnnData) -> np.ndarray:
+        """Index of each cell's study in the model; −1 for studies it was not trained on."""
+        key = self.registry["batch_key"]
+        if key not in adata.obs:
+            raise ScProtoInputError(
+                f"obs[{key!r}] (the study key the model was trained with) is missing from the data."
+            )
+        codes = pd.Categorical(adata.obs[key].astype(str), categories=self.studies).codes
+        return codes.astype(np.int64)
+
+    def model_input(self, adata: ad.AnnData) -> sp.csr_matrix:
+        """The log-normalised model genes, prepared exactly as for training."""
+        matrix = source_matrix(adata, self.spec.source)
+        full = log_normalized(matrix, is_counts=self.spec.is_counts, target_sum=self.spec.target_sum)
+        return select_genes(full, adata.var_names, self.spec.genes)
+
+    # ----------------------------------------------------------------- outputs
+    @torch.no_grad()
+    def latent_of(self, x: sp.csr_matrix, study: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """μ for rows of a prepared model-input matrix (see :meth:`model_input`)."""
+        device = self.module.device
+        parts = []
+        for start in range(0, x.shape[0], batch_size):
+            rows = torch.from_numpy(x[start : start + batch_size].toarray()).to(device)
+            codes = torch.from_numpy(study[start : start + batch_size]).to(device)
+            parts.append(self.module.cvae.encode(rows, codes)[0].cpu())
+        return torch.cat(parts).numpy()
+
+    def get_latent(self, adata: ad.AnnData, batch_size: int = 4096) -> np.ndarray:
+        """Posterior mean μ of every cell (n_cells × latent_dim). Deterministic."""
+        return self.latent_of(self.model_input(adata), self.study_codes(adata), batch_size)
+
+    def get_prototypes(self) -> np.ndarray:
+        """The K unit-norm prototypes (K × latent_dim)."""
+        return F.normalize(self.module.prototypes.detach(), dim=1).cpu().numpy()
+
+    @torch.no_grad()
+    def prototype_similarity(self, latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest prototype by cosine similarity, and that similarity, for each latent row."""
+        scores = self.module.scores(torch.from_numpy(latent).to(self.module.device))
+        similarity, prototype = scores.max(dim=1)
+        return prototype.cpu().numpy(), similarity.cpu().numpy()
+
+    def assign_prototypes(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+        """(index of the nearest prototype, its cosine similarity) for every cell."""
+        return self.prototype_similarity(self.get_latent(adata))

@@ -1,0 +1,208 @@
+"""LightningDataModule: validate → log-normalise → HVGs → PCA → kNN graph → neighbour views."""
+
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytorch_lightning as pl
+import scipy.sparse as sp
+from torch.utils.data import DataLoader
+
+from scproto.data import knn
+from scproto.data.io import validate_anndata
+from scproto.data.preprocess import (
+    InputSpec,
+    as_csr32,
+    highly_variable_genes,
+    log_normalized,
+    looks_like_counts,
+    randomized_pca,
+    select_genes,
+    source_matrix,
+)
+from scproto.data.views import ViewBatchSampler, ViewRows, identity_collate, neighbor_probabilities
+from scproto.errors import ScProtoInputError
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def timed(step: str, timings: dict[str, float]):
+    start = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - start
+    log.info("%s: %.2f s", step, timings[step])
+
+
+class ScProtoDataModule(pl.LightningDataModule):
+    """Holds one AnnData of reference and query studies and serves minibatches of views.
+
+    Only reference cells are trained on; query studies are embedded afterwards.
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        *,
+        batch_key: str,
+        label_key: str | None = None,
+        counts_layer: str | None = None,
+        query_studies: Sequence[str] = (),
+        n_top_genes: int = 4000,
+        hvg_flavor: str = "seurat",
+        target_sum: float = 1e4,
+        n_pcs: int = 50,
+        n_neighbors: int = 50,
+        knn_approximate_above: int | None = 200_000,
+        knn_nprobe: int = 16,
+        n_views: int = 8,
+        batch_size: int = 1024,
+        neighbor_weighting: str = "uniform",
+        min_cells_per_study: int = 20,
+        likelihood: str = "mse",
+        num_workers: int = 0,
+        cache_dir: str | Path | None = None,
+        seed: int = 31,
+    ) -> None:
+        super().__init__()
+        self.adata = adata
+        self.batch_key, self.label_key = batch_key, label_key
+        self.counts_layer = counts_layer
+        self.query_studies = [str(s) for s in query_studies]
+        self.n_top_genes, self.hvg_flavor, self.target_sum = n_top_genes, hvg_flavor, target_sum
+        self.n_pcs, self.n_neighbors = n_pcs, n_neighbors
+        self.knn_approximate_above, self.knn_nprobe = knn_approximate_above, knn_nprobe
+        self.n_views, self.batch_size = n_views, batch_size
+        self.neighbor_weighting = neighbor_weighting
+        self.likelihood = likelihood
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.seed = seed
+        self.timings: dict[str, float] = {}
+        self._prepared = False
+        validate_anndata(
+            adata,
+            batch_key=batch_key,
+            label_key=label_key,
+            counts_layer=counts_layer,
+            query_studies=self.query_studies,
+            n_neighbors=n_neighbors,
+            min_cells_per_study=min_cells_per_study,
+        )
+        if likelihood == "nb" and counts_layer is None and not looks_like_counts(adata.X):
+            raise ScProtoInputError(
+                "The NB likelihood needs raw counts, but X holds non-integer values and "
+                "`data.counts_layer` is not set. Set it to the layer with counts, or use "
+                "`model.likelihood=mse`."
+            )
+
+    # ------------------------------------------------------------------ preparation
+    @property
+    def is_reference(self) -> np.ndarray:
+        return ~self.adata.obs[self.batch_key].astype(str).isin(self.query_studies).to_numpy()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._prepared:
+            return
+        adata, reference = self.adata, self.is_reference
+        is_counts = looks_like_counts(adata.X)
+        with timed("log-normalise", self.timings):
+            full = log_normalized(adata.X, is_counts=is_counts, target_sum=self.target_sum)
+        raw_counts = self._raw_counts(is_counts)
+        with timed("highly variable genes", self.timings):
+            genes = highly_variable_genes(
+                full[reference],
+                adata.var_names,
+                n_top_genes=self.n_top_genes,
+                flavor=self.hvg_flavor,
+                counts=None if raw_counts is None else raw_counts[reference],
+            )
+        self.spec = InputSpec(
+            genes=tuple(genes),
+            source="X",
+            is_counts=is_counts,
+            target_sum=self.target_sum,
+            counts_layer=self.counts_layer if raw_counts is not None else None,
+        )
+        self.x = select_genes(full, adata.var_names, genes)
+        self.counts = None
+        if self.likelihood == "nb":
+            self.counts = select_genes(raw_counts, adata.var_names, genes)
+
+        studies = adata.obs[self.batch_key].astype(str)
+        self.studies = sorted(studies[reference].unique())
+        self.study_codes = studies.map({s: i for i, s in enumerate(self.studies)}).fillna(-1)
+        self.study_codes = self.study_codes.to_numpy().astype(np.int64)
+        self.train_index = np.flatnonzero(reference)
+        self.neighbors, self.distances = self._neighbor_graph(self.x[self.train_index])
+        self._prepared = True
+        log.info(
+            "data ready: %d reference cells (%d studies), %d query cells, %d genes; setup %.1f s",
+            len(self.train_index), len(self.studies), (~reference).sum(), len(genes),
+            sum(self.timings.values()),
+        )
+
+    def _raw_counts(self, x_is_counts: bool) -> sp.csr_matrix | None:
+        if self.counts_layer is not None:
+            return as_csr32(source_matrix(self.adata, self.counts_layer))
+        return as_csr32(self.adata.X) if x_is_counts else None
+
+    def _neighbor_graph(self, reference_x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        n_cells = reference_x.shape[0]
+        approximate = self.knn_approximate_above is not None and n_cells > self.knn_approximate_above
+        settings = {
+            "n_pcs": self.n_pcs,
+            "n_neighbors": self.n_neighbors,
+            "approximate": approximate,
+            "nprobe": self.knn_nprobe if approximate else None,
+            "seed": self.seed,
+            "pca": "randomized-v1",
+        }
+        key = knn.data_fingerprint(reference_x, settings)
+        cached = knn.load_cached(self.cache_dir, key)
+        if cached is not None:
+            self.timings["kNN graph (cached)"] = 0.0
+            return cached
+        with timed("PCA", self.timings):
+            coordinates = randomized_pca(reference_x, self.n_pcs, seed=self.seed)
+        with timed(f"{'approximate' if approximate else 'exact'} {self.n_neighbors}-NN (faiss)", self.timings):
+            neighbors, distances = knn.knn_graph(
+                coordinates, self.n_neighbors, approximate=approximate, seed=self.seed, nprobe=self.knn_nprobe
+            )
+        knn.save_cached(self.cache_dir, key, neighbors, distances)
+        return neighbors, distances
+
+    # ------------------------------------------------------------------ what the model needs
+    @property
+    def registry(self) -> dict:
+        """Everything inference needs to turn new AnnData into model input."""
+        return {
+            "input_spec": self.spec.to_dict(),
+            "batch_key": self.batch_key,
+            "label_key": self.label_key,
+            "studies": list(self.studies),
+            "likelihood": self.likelihood,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.train_index
+        counts = None if self.counts is None else self.counts[train]
+        rows = ViewRows(self.x[train], self.study_codes[train], counts)
+        sampler = ViewBatchSampler(
+            self.neighbors,
+            batch_size=min(self.batch_size, len(train)),
+            n_views=self.n_views,
+            seed=self.seed,
+            probabilities=neighbor_probabilities(self.distances, self.neighbor_weighting),
+        )
+        return DataLoader(
+            rows,
+            batch_sampler=sampler,
+            collate_fn=identity_collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

@@ -1,0 +1,139 @@
+"""Reading AnnData and checking it at the boundary, with messages that say what to do."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scproto.errors import ScProtoInputError
+
+# Where users get the paper's files; these machines cannot download them.
+KNOWN_DOWNLOADS = {
+    "Immune_ALL_human.h5ad": "https://figshare.com/ndownloader/files/25717328",
+    "human_pancreas_norm_complexBatch.h5ad": "https://figshare.com/ndownloader/files/24539828",
+}
+
+
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    """Read an .h5ad file, with a message naming the path (and the download) if it is missing."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        hint = ""
+        if path.name in KNOWN_DOWNLOADS:
+            hint = (
+                f" This is a scIB benchmark file: download it from {KNOWN_DOWNLOADS[path.name]} "
+                f"and save it as {path}, or point `data.data_dir` (or `data.path`) at its folder."
+            )
+        raise ScProtoInputError(
+            f"Data file not found: {path.resolve()}. Check `data.path` (relative paths are "
+            f"resolved from the directory you run from).{hint}"
+        )
+    try:
+        return ad.read_h5ad(path)
+    except Exception as error:  # h5py/anndata raise many types for a corrupt file
+        raise ScProtoInputError(
+            f"Could not read {path} as an AnnData .h5ad file ({type(error).__name__}: {error})."
+        ) from error
+
+
+def _require_obs_key(adata: ad.AnnData, key: str, role: str) -> None:
+    if key not in adata.obs:
+        available = ", ".join(map(repr, adata.obs.columns[:20])) or "none"
+        raise ScProtoInputError(
+            f"obs key {key!r} ({role}) is not in the data. Available obs columns: {available}. "
+            f"Set `data.{role}` to one of them."
+        )
+    if adata.obs[key].isna().any():
+        raise ScProtoInputError(
+            f"obs[{key!r}] ({role}) has {int(adata.obs[key].isna().sum())} missing values; "
+            "fill or drop those cells first."
+        )
+
+
+def matrix_values(matrix) -> np.ndarray:
+    """The stored values of a dense or sparse matrix (no densification)."""
+    return matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
+
+
+def check_expression(matrix, *, where: str, expect_counts: bool) -> None:
+    """Finite, non-negative values; integers too when counts are expected."""
+    values = matrix_values(matrix)
+    if not np.isfinite(values).all():
+        raise ScProtoInputError(
+            f"{where} holds {int((~np.isfinite(values)).sum())} non-finite values (NaN or inf). "
+            "Remove or impute them before training."
+        )
+    if (values < 0).any():
+        raise ScProtoInputError(
+            f"{where} holds {int((values < 0).sum())} negative values (minimum {values.min():.3g}); "
+            "expected raw counts or log-normalised expression. Scaled or centred data (e.g. after "
+            "sc.pp.scale) cannot be used: pass the counts, or the log-normalised matrix."
+        )
+    if expect_counts and not np.allclose(values, np.round(values)):
+        raise ScProtoInputError(
+            f"{where} was given as counts but holds non-integer values (e.g. {values[values != np.round(values)][0]:.4g}). "
+            "Point `data.counts_layer` at the raw counts, or set it to null to use the log data in X."
+        )
+
+
+def validate_anndata(
+    adata: ad.AnnData,
+    *,
+    batch_key: str,
+    label_key: str | None,
+    counts_layer: str | None,
+    query_studies: Sequence[str],
+    n_neighbors: int,
+    min_cells_per_study: int,
+) -> None:
+    """Every check a user can fail before any computation starts."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ScProtoInputError(f"The data is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
+    duplicated = pd.Index(adata.var_names)[pd.Index(adata.var_names).duplicated()].unique()
+    if len(duplicated):
+        raise ScProtoInputError(
+            f"{len(duplicated)} gene names occur more than once (e.g. {', '.join(map(str, duplicated[:5]))}). "
+            "Genes are matched by name: make them unique first, e.g. adata.var_names_make_unique()."
+        )
+    _require_obs_key(adata, batch_key, "batch_key")
+    if label_key is not None:
+        _require_obs_key(adata, label_key, "label_key")
+    if counts_layer is not None and counts_layer not in adata.layers:
+        raise ScProtoInputError(
+            f"layers[{counts_layer!r}] (data.counts_layer) is not in the data; layers present: "
+            f"{list(adata.layers.keys()) or 'none'}. Set `data.counts_layer=null` to use X."
+        )
+    check_expression(adata.X, where="X", expect_counts=False)
+    if counts_layer is not None:
+        check_expression(adata.layers[counts_layer], where=f"layers[{counts_layer!r}]", expect_counts=True)
+
+    studies = adata.obs[batch_key].astype(str)
+    unknown = sorted(set(query_studies) - set(studies))
+    if unknown:
+        raise ScProtoInputError(
+            f"query studies {unknown} are not values of obs[{batch_key!r}]; present: "
+            f"{sorted(studies.unique())[:20]}."
+        )
+    reference_sizes = studies[~studies.isin(list(query_studies))].value_counts()
+    if len(reference_sizes) < 2:
+        raise ScProtoInputError(
+            f"obs[{batch_key!r}] has {len(reference_sizes)} reference study "
+            f"({', '.join(reference_sizes.index)}); scProto integrates studies and needs at least 2. "
+            "Check `data.batch_key` (it should name the study/batch column) and `data.query_studies`."
+        )
+    if reference_sizes.sum() < n_neighbors + 1:
+        raise ScProtoInputError(
+            f"Only {reference_sizes.sum()} reference cells, fewer than n_neighbors + 1 = "
+            f"{n_neighbors + 1}. Lower `data.n_neighbors` or provide more cells."
+        )
+    small = reference_sizes[reference_sizes < min_cells_per_study]
+    if len(small):
+        listing = ", ".join(f"{name!r} ({count} cells)" for name, count in small.items())
+        raise ScProtoInputError(
+            f"Studies with fewer than data.min_cells_per_study={min_cells_per_study} cells in "
+            f"obs[{batch_key!r}]: {listing}. Their per-study prototype assignment would be noise: "
+            "drop or merge them, or lower `data.min_cells_per_study`."
+        )

@@ -1,0 +1,108 @@
+"""Minibatches of neighbour views: each anchor cell plus V−1 cells drawn from its kNN list."""
+
+from collections.abc import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def neighbor_probabilities(distances: np.ndarray, weighting: str) -> np.ndarray | None:
+    """Per-row draw probabilities over the k neighbours; None means uniform.
+
+    ``distance`` is the original implementation's choice, proportional to the squared
+    distance (faiss already returns squared L2), which favours the farthest neighbours.
+    """
+    if weighting == "uniform":
+        return None
+    if weighting != "distance":
+        raise ValueError(f"neighbor_weighting must be 'uniform' or 'distance', got {weighting!r}")
+    weights = np.asarray(distances, dtype=np.float64).copy()
+    all_zero = weights.sum(axis=1) <= 0  # only duplicates around: fall back to uniform
+    weights[all_zero] = 1.0
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def sample_views(
+    anchors: np.ndarray,
+    neighbors: np.ndarray,
+    n_views: int,
+    rng: np.random.Generator,
+    probabilities: np.ndarray | None = None,
+) -> np.ndarray:
+    """Cell indices (n_views × B): row 0 the anchors, rows 1.. independent neighbour draws."""
+    n_anchors, k = len(anchors), neighbors.shape[1]
+    if probabilities is None:
+        columns = rng.integers(0, k, size=(n_views - 1, n_anchors))
+    else:
+        cumulative = probabilities[anchors].cumsum(axis=1)
+        draws = rng.random((n_views - 1, n_anchors, 1))
+        columns = np.minimum((cumulative[None] < draws).sum(axis=-1), k - 1)
+    drawn = neighbors[anchors[None, :], columns]
+    return np.concatenate([anchors[None, :], drawn], axis=0)
+
+
+class ViewBatchSampler(Sampler[np.ndarray]):
+    """Yields the view-major cell indices of each minibatch, reshuffled every epoch.
+
+    Each epoch every training cell is an anchor once; the random stream depends only on
+    (seed, epoch), so runs repeat exactly whatever the number of loader workers.
+    """
+
+    def __init__(
+        self,
+        neighbors: np.ndarray,
+        *,
+        batch_size: int,
+        n_views: int,
+        seed: int,
+        probabilities: np.ndarray | None = None,
+    ) -> None:
+        self.neighbors = neighbors
+        self.batch_size = batch_size
+        self.n_views = n_views
+        self.seed = seed
+        self.probabilities = probabilities
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.neighbors) // self.batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = rng.permutation(len(self.neighbors))
+        for start in range(0, len(order), self.batch_size):
+            anchors = order[start : start + self.batch_size]
+            views = sample_views(anchors, self.neighbors, self.n_views, rng, self.probabilities)
+            yield views.reshape(-1)
+
+
+class ViewRows(Dataset):
+    """Rows of the (sparse) training matrix, densified one minibatch at a time."""
+
+    def __init__(self, x: sp.csr_matrix, study: np.ndarray, counts: sp.csr_matrix | None = None):
+        self.x = x
+        self.study = torch.as_tensor(study, dtype=torch.long)
+        self.counts = counts
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__(np.array([index]))
+
+    def __getitems__(self, rows) -> dict[str, torch.Tensor]:
+        rows = np.asarray(rows)
+        batch = {
+            "x": torch.from_numpy(self.x[rows].toarray()),
+            "study": self.study[torch.from_numpy(rows)],
+        }
+        if self.counts is not None:
+            batch["counts"] = torch.from_numpy(self.counts[rows].toarray())
+        return batch
+
+
+def identity_collate(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch

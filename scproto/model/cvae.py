@@ -1,0 +1,106 @@
+"""scPoli-style conditional VAE with a prototype layer in its latent space."""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scproto.model.losses import kl_divergence, mse_reconstruction, negative_binomial_nll
+
+Likelihood = Literal["mse", "nb"]
+
+
+def _hidden_block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
+    # LayerNorm without affine, as in scPoli: the study embedding carries the shift.
+    return nn.Sequential(
+        nn.Linear(n_in, n_out),
+        nn.LayerNorm(n_out, elementwise_affine=False),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+    )
+
+
+class ConditionalVAE(nn.Module):
+    """Encoder q(z | x, e_s) and decoder p(x | z, e_s), e_s the embedding of study s.
+
+    The representation of a cell is the posterior mean μ; the sample z is used only by
+    the reconstruction term.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_studies: int,
+        *,
+        latent_dim: int = 8,
+        hidden_dim: int | None = None,
+        embedding_dim: int = 10,
+        dropout: float = 0.05,
+        likelihood: Likelihood = "mse",
+    ) -> None:
+        super().__init__()
+        if likelihood not in ("mse", "nb"):
+            raise ValueError(f"likelihood must be 'mse' or 'nb', got {likelihood!r}")
+        hidden_dim = hidden_dim or math.ceil(math.sqrt(n_genes))
+        self.likelihood = likelihood
+        self.study_embedding = nn.Embedding(n_studies, embedding_dim, max_norm=1.0)
+        self.encoder = _hidden_block(n_genes + embedding_dim, hidden_dim, dropout)
+        self.mean_head = nn.Linear(hidden_dim, latent_dim)
+        self.logvar_head = nn.Linear(hidden_dim, latent_dim)
+        self.decoder = _hidden_block(latent_dim + embedding_dim, hidden_dim, dropout)
+        self.output_head = nn.Linear(hidden_dim, n_genes)
+        if likelihood == "nb":
+            # log inverse dispersion per study × gene
+            self.log_theta = nn.Parameter(torch.zeros(n_studies, n_genes))
+
+    @property
+    def latent_dim(self) -> int:
+        return self.mean_head.out_features
+
+    def mean_study_embedding(self) -> torch.Tensor:
+        """Average of the study embeddings: the condition of a batch-free profile."""
+        all_studies = torch.arange(self.study_embedding.num_embeddings, device=self.output_head.weight.device)
+        return self.study_embedding(all_studies).mean(dim=0)
+
+    def condition(self, study: torch.Tensor) -> torch.Tensor:
+        """Study embedding of each row; code −1 (a study the model has not seen) gets the mean."""
+        unseen = study < 0
+        if not unseen.any():
+            return self.study_embedding(study)
+        embedding = self.study_embedding(study.clamp_min(0))
+        return torch.where(unseen[:, None], self.mean_study_embedding(), embedding)
+
+    def encode(self, x: torch.Tensor, study: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(torch.cat([x, self.condition(study)], dim=-1))
+        return self.mean_head(hidden), self.logvar_head(hidden)
+
+    def decode(self, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Expression (MSE) or gene proportions (NB) for latents z and study embeddings."""
+        out = self.output_head(self.decoder(torch.cat([z, embedding], dim=-1)))
+        return F.relu(out) if self.likelihood == "mse" else F.softmax(out, dim=-1)
+
+    def forward(
+        self, x: torch.Tensor, study: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        mu, logvar = self.encode(x, study)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        return {"mu": mu, "logvar": logvar, "decoded": self.decode(z, self.condition(study))}
+
+    def loss(
+        self,
+        x: torch.Tensor,
+        study: torch.Tensor,
+        outputs: dict[str, torch.Tensor],
+        counts: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Reconstruction (summed over genes) and KL, each averaged over rows."""
+        if self.likelihood == "mse":
+            reconstruction = mse_reconstruction(x, outputs["decoded"])
+        else:
+            library = counts.sum(dim=-1, keepdim=True)
+            theta = self.log_theta[study].exp()
+            reconstruction = negative_binomial_nll(counts, outputs["decoded"] * library, theta)
+        kl = kl_divergence(outputs["mu"], outputs["logvar"])
+        return {"recon": reconstruction.mean(), "kl": kl.mean()}

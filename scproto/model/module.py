@@ -1,0 +1,157 @@
+"""The scProto LightningModule: L = L_batchSwAV + λ_prop · L_prop + λ_cvae · L_cvae."""
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scproto.model.cvae import ConditionalVAE
+from scproto.model.losses import batch_swav_losses
+from scproto.model.optim import build_optimizer, warmup_cosine
+from scproto.model.sinkhorn import sinkhorn
+
+
+class ScProtoModule(pl.LightningModule):
+    """Conditional VAE + K unit-norm prototypes, trained on minibatches of neighbour views.
+
+    A minibatch holds V views of B anchor cells as V·B rows, view-major: row v·B + i is
+    view v of anchor i (view 0 is the anchor itself). Every row goes through the network
+    once; the SwAV and propagation terms are then computed per study group.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_studies: int,
+        *,
+        n_views: int = 8,
+        n_prototypes: int = 300,
+        latent_dim: int = 8,
+        hidden_dim: int | None = None,
+        embedding_dim: int = 10,
+        dropout: float = 0.05,
+        likelihood: str = "mse",
+        lambda_cvae: float = 0.01,
+        lambda_prop: float = 1.0,
+        kl_weight: float = 0.5,
+        temperature: float = 0.05,
+        group_by: str = "anchor",
+        min_group_size: int = 16,
+        epsilon: float = 0.02,
+        sinkhorn_iters: int = 3,
+        hard_assignment: bool = True,
+        freeze_prototypes_iters: int = 0,
+        optimizer: dict[str, Any] | None = None,
+        registry: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if group_by not in ("anchor", "majority"):
+            raise ValueError(f"group_by must be 'anchor' or 'majority', got {group_by!r}")
+        self.save_hyperparameters(ignore=["registry"])
+        self.registry = registry or {}
+        self.cvae = ConditionalVAE(
+            n_genes,
+            n_studies,
+            latent_dim=latent_dim,
+            hidden_dim=hidden_dim,
+            embedding_dim=embedding_dim,
+            dropout=dropout,
+            likelihood=likelihood,
+        )
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(n_prototypes, latent_dim), dim=1))
+
+    # ---------------------------------------------------------------- representation
+    def normalize_prototypes(self) -> None:
+        with torch.no_grad():
+            self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+
+    def scores(self, mu: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each representation μ to each prototype."""
+        return F.normalize(mu, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+
+    def study_groups(self, study: torch.Tensor) -> torch.Tensor:
+        """Group of each anchor: its own study, or the majority study of its views."""
+        views = study.view(self.hparams.n_views, -1)
+        return views[0] if self.hparams.group_by == "anchor" else views.mode(dim=0).values
+
+    # ---------------------------------------------------------------- loss
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        x, study = batch["x"], batch["study"]
+        outputs = self.cvae(x, study)
+        scores = self.scores(outputs["mu"]).view(hp.n_views, -1, hp.n_prototypes)
+        terms = batch_swav_losses(
+            scores,
+            self.study_groups(study),
+            min_group_size=hp.min_group_size,
+            temperature=hp.temperature,
+            epsilon=hp.epsilon,
+            sinkhorn_iters=hp.sinkhorn_iters,
+            hard=hp.hard_assignment,
+        )
+        cvae = self.cvae.loss(x, study, outputs, counts=batch.get("counts"))
+        terms["recon"], terms["kl"] = cvae["recon"], cvae["kl"]
+        terms["cvae"] = cvae["recon"] + hp.kl_weight * cvae["kl"]
+        terms["loss"] = terms["swav"] + hp.lambda_prop * terms["prop"] + hp.lambda_cvae * terms["cvae"]
+        terms.update(self._assignment_diagnostics(scores[0]))
+        return terms
+
+    @torch.no_grad()
+    def _assignment_diagnostics(self, anchor_scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SwAV collapse checks: prototypes in use and entropy of the mean assignment."""
+        q = sinkhorn(anchor_scores, self.hparams.epsilon, self.hparams.sinkhorn_iters)
+        mean_q = q.mean(dim=0)
+        entropy = -(mean_q * mean_q.clamp_min(1e-12).log()).sum()
+        in_use = anchor_scores.argmax(dim=1).unique().numel()
+        return {"prototypes_in_use": torch.tensor(float(in_use)), "assignment_entropy": entropy}
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.normalize_prototypes()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        terms = self.compute_losses(batch)
+        n_rows = batch["x"].shape[0]
+        log_k = math.log(self.hparams.n_prototypes)
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=n_rows)
+        for name in ("swav", "prop", "cvae", "recon", "kl"):
+            self.log(f"train/loss_{name}", terms[name], batch_size=n_rows)
+        self.log("train/swav_over_lnK", terms["swav"] / log_k, batch_size=n_rows)
+        for name in ("prototypes_in_use", "assignment_entropy", "n_groups"):
+            self.log(f"train/{name}", terms[name], batch_size=n_rows)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n_rows)
+        return terms["loss"]
+
+    def on_after_backward(self) -> None:
+        # SwAV's optional freeze: prototypes stay put while the encoder organises itself.
+        if self.global_step < self.hparams.freeze_prototypes_iters:
+            self.prototypes.grad = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["scproto_registry"] = self.registry
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.registry = checkpoint.get("scproto_registry", {})
+
+    def configure_optimizers(self):
+        settings = dict(self.hparams.optimizer or {"name": "adam", "lr": 1e-3})
+        warmup_epochs = settings.pop("warmup_epochs", 0)
+        final_lr_ratio = settings.pop("final_lr_ratio", 0.0)
+        schedule = settings.pop("schedule", "warmup_cosine")
+        optimizer = build_optimizer(self.parameters(), **settings)
+        if schedule == "constant":
+            return optimizer
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        warmup_steps = min(total_steps, warmup_epochs * steps_per_epoch)
+
+        def multiplier(step: int) -> float:
+            return warmup_cosine(
+                step, warmup_steps=warmup_steps, total_steps=total_steps, final_ratio=final_lr_ratio
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

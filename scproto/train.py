@@ -1,0 +1,144 @@
+"""`train(cfg)`: build data and model from a composed config, fit, write the run's outputs."""
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import hydra
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+import scproto
+from scproto.api import ScProto
+from scproto.data.datamodule import ScProtoDataModule
+from scproto.data.io import read_h5ad
+from scproto.data.synthetic import make_synthetic
+from scproto.errors import ScProtoInputError
+from scproto.model.module import ScProtoModule
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+OUTPUT_NAMES = ("checkpoints/last.ckpt", "embedding.h5ad", "prototypes.npy")
+
+
+def load_data(data_cfg: DictConfig) -> ad.AnnData:
+    if data_cfg.source == "synthetic":
+        return make_synthetic(**data_cfg.synthetic)
+    if data_cfg.source == "h5ad":
+        if not data_cfg.path:
+            raise ScProtoInputError("`data.path` is not set: give the .h5ad file, e.g. data.path=/data/atlas.h5ad.")
+        return read_h5ad(data_cfg.path)
+    raise ScProtoInputError(f"data.source must be 'synthetic' or 'h5ad', got {data_cfg.source!r}.")
+
+
+def build_datamodule(cfg: DictConfig, adata: ad.AnnData) -> ScProtoDataModule:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for key in ("source", "path", "synthetic"):
+        data.pop(key, None)
+    return ScProtoDataModule(
+        adata, likelihood=cfg.model.likelihood, cache_dir=cfg.paths.cache_dir, seed=cfg.seed, **data
+    )
+
+
+def build_module(cfg: DictConfig, datamodule: ScProtoDataModule) -> ScProtoModule:
+    registry = {**datamodule.registry, "scproto_version": scproto.__version__}
+    return ScProtoModule(
+        n_genes=len(datamodule.spec.genes),
+        n_studies=len(datamodule.studies),
+        n_views=cfg.data.n_views,
+        **OmegaConf.to_container(cfg.model, resolve=True),
+        **OmegaConf.to_container(cfg.loss, resolve=True),
+        epsilon=cfg.sinkhorn.epsilon,
+        sinkhorn_iters=cfg.sinkhorn.n_iters,
+        hard_assignment=cfg.sinkhorn.hard,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        registry=registry,
+    )
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def refuse_overwrite(run_dir: Path, overwrite: bool) -> None:
+    existing = [name for name in OUTPUT_NAMES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise ScProtoInputError(
+            f"{run_dir} already holds the outputs of a run ({', '.join(existing)}). Choose another "
+            "hydra.run.dir, or pass overwrite=true to replace them."
+        )
+
+
+def write_outputs(model: ScProto, datamodule: ScProtoDataModule, run_dir: Path) -> ad.AnnData:
+    """embedding.h5ad (every cell, input obs kept) and prototypes.npy."""
+    latent = model.latent_of(datamodule.x, datamodule.study_codes)
+    prototype, similarity = model.prototype_similarity(latent)
+    obs = datamodule.adata.obs.copy()
+    obs["split"] = pd.Categorical(
+        np.where(datamodule.is_reference, "reference", "query"), categories=["reference", "query"]
+    )
+    obs["prototype"] = prototype
+    obs["prototype_similarity"] = similarity
+    embedding = ad.AnnData(obs=obs)
+    embedding.obsm["X_scproto"] = latent
+    embedding.obsm["X_scproto_unit"] = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
+    embedding.uns["scproto"] = {
+        "batch_key": datamodule.batch_key,
+        "label_key": datamodule.label_key or "",
+        "query_studies": list(datamodule.query_studies),
+        "version": scproto.__version__,
+    }
+    embedding.write_h5ad(run_dir / "embedding.h5ad")
+    np.save(run_dir / "prototypes.npy", model.get_prototypes())
+    return embedding
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit scProto as configured; returns (metrics, objects) and writes the run directory."""
+    run_dir = Path(cfg.paths.output_dir)
+    refuse_overwrite(run_dir, cfg.get("overwrite", False))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    adata = load_data(cfg.data)
+    datamodule = build_datamodule(cfg, adata)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    if trainer.fast_dev_run or not (run_dir / "checkpoints/last.ckpt").exists():
+        trainer.save_checkpoint(run_dir / "checkpoints/last.ckpt")
+
+    model = ScProto(module)
+    embedding = write_outputs(model, datamodule, run_dir)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["time/train_s"] = train_seconds
+    metrics["time/data_setup_s"] = sum(datamodule.timings.values())
+    log.info("training took %.1f s; outputs in %s", train_seconds, run_dir)
+    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "embedding": embedding}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics, _ = train(cfg)
+    except ScProtoInputError as error:
+        log.error("%s", error)
+        print(f"\nscproto: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get("train/loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Shared fixtures: a small synthetic AnnData and composed, shrunk training configs."""
+
+from pathlib import Path
+
+import anndata as ad
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from scproto.data.synthetic import make_synthetic
+from scproto.train import CONFIG_DIR
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SMALL_SYNTHETIC = ["data.synthetic.n_cells=1500", "data.synthetic.n_genes=500"]
+FAST = [
+    "data.n_top_genes=500",
+    "data.n_neighbors=15",
+    "data.batch_size=128",
+    "model.n_prototypes=20",
+    "trainer.max_epochs=2",
+    "trainer.enable_model_summary=false",
+    "trainer.enable_progress_bar=false",
+    "~logger",
+    "~callbacks.progress_bar",
+]
+
+
+@pytest.fixture(scope="session")
+def small_adata() -> ad.AnnData:
+    """1,500 cells × 500 genes, 4 studies (study_3 the query), raw counts in X."""
+    return make_synthetic(n_cells=1500, n_genes=500, seed=0)
+
+
+def compose_config(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
+    """The training config as `python train.py` would compose it, shrunk to run in seconds."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        shrink = [] if any(o.startswith("experiment=") for o in overrides) else SMALL_SYNTHETIC
+        cfg = compose(config_name="train", overrides=[*shrink, *FAST, *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(output_dir / "cache")
+    return cfg
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def factory(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+        return compose_config(run_dir or tmp_path / "run", list(overrides))
+
+    return factory

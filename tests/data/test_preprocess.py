@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
+
+from scproto.data.preprocess import log_normalized, looks_like_counts, randomized_pca, select_genes
+from scproto.errors import ScProtoInputError
+
+
+def low_rank_sparse(n=600, genes=120, rank=6, seed=0):
+    rng = np.random.default_rng(seed)
+    dense = np.maximum(rng.normal(size=(n, rank)) @ rng.normal(size=(rank, genes)) * 2, 0)
+    dense[rng.random(dense.shape) < 0.4] = 0
+    return sp.csr_matrix(dense.astype(np.float32))
+
+
+def test_randomized_pca_matches_exact_pca_up_to_sign():
+    matrix = low_rank_sparse()
+    ours = randomized_pca(matrix, 10, seed=0)
+    exact = PCA(10, svd_solver="full").fit_transform(matrix.toarray())
+    for component in range(6):  # the components carrying the signal
+        correlation = np.corrcoef(ours[:, component], exact[:, component])[0, 1]
+        assert abs(correlation) > 0.999
+    np.testing.assert_allclose(ours.var(0)[:6], exact.var(0)[:6], rtol=1e-3)
+
+
+def test_randomized_pca_is_reproducible():
+    matrix = low_rank_sparse()
+    np.testing.assert_array_equal(randomized_pca(matrix, 8, seed=3), randomized_pca(matrix, 8, seed=3))
+
+
+def test_counts_detection():
+    assert looks_like_counts(sp.csr_matrix(np.array([[0, 2.0], [5.0, 1.0]])))
+    assert not looks_like_counts(sp.csr_matrix(np.log1p(np.array([[0, 2.0], [5.0, 1.0]]))))
+
+
+def test_log_normalisation_of_counts():
+    counts = sp.csr_matrix(np.array([[1.0, 3.0], [0.0, 2.0]]))
+    out = log_normalized(counts, is_counts=True, target_sum=4.0).toarray()
+    np.testing.assert_allclose(out, np.log1p([[1.0, 3.0], [0.0, 4.0]]), rtol=1e-6)
+    assert log_normalized(counts, is_counts=False, target_sum=4.0) is not counts
+
+
+def test_select_genes_reorders_and_zero_fills_with_a_warning():
+    matrix = sp.csr_matrix(np.array([[1.0, 2.0, 3.0]]))
+    reordered = select_genes(matrix, ["a", "b", "c"], ["c", "a"])
+    np.testing.assert_array_equal(reordered.toarray(), [[3.0, 1.0]])
+    with pytest.warns(UserWarning, match="1 of the model's 3 genes are missing"):
+        filled = select_genes(matrix, ["a", "b", "c"], ["c", "zzz", "a"])
+    np.testing.assert_array_equal(filled.toarray(), [[3.0, 0.0, 1.0]])
+
+
+def test_select_genes_fails_clearly_without_overlap():
+    with pytest.raises(ScProtoInputError, match="Only 0 of the model's 2 genes"):
+        select_genes(sp.csr_matrix(np.ones((1, 2))), ["a", "b"], ["x", "y"])

@@ -1,0 +1,73 @@
+import numpy as np
+import scipy.sparse as sp
+
+from scproto.data.views import ViewBatchSampler, ViewRows, neighbor_probabilities, sample_views
+
+K = 5
+
+
+def graph(n=100, k=K):
+    neighbors = (np.arange(n)[:, None] + np.arange(1, k + 1)[None]) % n
+    distances = np.tile(np.arange(1, k + 1, dtype=np.float32), (n, 1))
+    return neighbors, distances
+
+
+def column_frequencies(probabilities, draws=20_000, seed=0):
+    neighbors, _ = graph()
+    anchors = np.zeros(draws, dtype=np.int64)
+    views = sample_views(anchors, neighbors, 2, np.random.default_rng(seed), probabilities)
+    return np.bincount(views[1] - 1, minlength=K) / draws  # neighbour j of cell 0 is cell j+1
+
+
+def test_view_zero_is_the_anchor_and_the_rest_are_its_neighbours():
+    neighbors, _ = graph()
+    anchors = np.array([3, 50, 99])
+    views = sample_views(anchors, neighbors, 8, np.random.default_rng(0))
+    assert views.shape == (8, 3)
+    np.testing.assert_array_equal(views[0], anchors)
+    for i, anchor in enumerate(anchors):
+        assert set(views[1:, i]) <= set(neighbors[anchor])
+
+
+def test_uniform_draw_is_uniform_over_the_neighbour_list():
+    np.testing.assert_allclose(column_frequencies(None), np.full(K, 1 / K), atol=0.015)
+
+
+def test_distance_weighting_draws_proportional_to_squared_distance():
+    _, distances = graph()
+    probabilities = neighbor_probabilities(distances, "distance")
+    expected = np.arange(1, K + 1) / np.arange(1, K + 1).sum()
+    np.testing.assert_allclose(column_frequencies(probabilities), expected, atol=0.015)
+
+
+def test_distance_weighting_with_only_duplicates_falls_back_to_uniform():
+    probabilities = neighbor_probabilities(np.zeros((2, 4)), "distance")
+    np.testing.assert_allclose(probabilities, 0.25)
+
+
+def test_each_epoch_uses_every_cell_once_as_anchor_and_reshuffles():
+    neighbors, _ = graph(n=103)
+    sampler = ViewBatchSampler(neighbors, batch_size=20, n_views=3, seed=7)
+    epochs = [list(sampler) for _ in range(2)]
+    assert len(sampler) == len(epochs[0]) == 6
+    for batches in epochs:
+        anchors = np.concatenate([b.reshape(3, -1)[0] for b in batches])
+        np.testing.assert_array_equal(np.sort(anchors), np.arange(103))
+    assert not np.array_equal(epochs[0][0], epochs[1][0])
+
+
+def test_sampler_repeats_with_the_same_seed():
+    neighbors, _ = graph()
+    first = list(ViewBatchSampler(neighbors, batch_size=32, n_views=4, seed=1))
+    second = list(ViewBatchSampler(neighbors, batch_size=32, n_views=4, seed=1))
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_rows_are_densified_per_minibatch_only():
+    matrix = sp.random(10, 4, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    rows = ViewRows(matrix, np.arange(10) % 2)
+    batch = rows.__getitems__(np.array([3, 3, 7]))
+    np.testing.assert_array_equal(batch["x"].numpy(), matrix[[3, 3, 7]].toarray())
+    assert batch["study"].tolist() == [1, 1, 1]
+    assert sp.issparse(rows.x)

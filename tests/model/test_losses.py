@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from scproto.model.losses import (
+    batch_swav_losses,
+    group_rows,
+    kl_divergence,
+    mse_reconstruction,
+    negative_binomial_nll,
+    propagation_loss,
+    swapped_prediction_loss,
+)
+
+
+def test_swapped_prediction_on_a_hand_made_case():
+    # Two cells, two prototypes, both views agree: cell i sits on prototype i, so the
+    # balanced hard codes are the identity and each term is −log softmax([1, 0])_0.
+    view = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    scores = torch.stack([view, view])
+    loss = swapped_prediction_loss(scores, temperature=1.0, epsilon=0.05)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+
+
+def test_swapped_prediction_with_soft_codes_and_disagreeing_views():
+    view0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    view1 = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # predicts the opposite prototype
+    loss = swapped_prediction_loss(torch.stack([view0, view1]), temperature=1.0, hard=True)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(1)), rel=1e-6)
+
+
+def test_swapped_prediction_averages_over_all_other_views():
+    torch.manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(4, 16, 5), dim=-1)
+    loss = swapped_prediction_loss(scores, assignment_views=(0,))
+    from scproto.model.sinkhorn import hard_assignments, sinkhorn
+
+    q = hard_assignments(sinkhorn(scores[0]))
+    manual = [-(q * torch.log_softmax(scores[v] / 0.05, dim=-1)).sum(1).mean() for v in (1, 2, 3)]
+    torch.testing.assert_close(loss, torch.stack(manual).mean())
+
+
+def test_propagation_is_the_worst_covered_row():
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.5], [0.7, 0.3]])
+    assert propagation_loss(scores).item() == pytest.approx(0.5)
+
+
+def test_propagation_gradient_reaches_only_the_worst_row_and_its_nearest_prototype():
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.5], [0.7, 0.3]], requires_grad=True)
+    propagation_loss(scores).backward()
+    expected = torch.zeros(3, 2)
+    expected[1, 1] = -1.0
+    torch.testing.assert_close(scores.grad, expected)
+
+
+def test_kl_known_values():
+    assert kl_divergence(torch.zeros(3, 8), torch.zeros(3, 8)).tolist() == [0.0, 0.0, 0.0]
+    # KL(N(1, 1) ‖ N(0, 1)) = 1/2 per dimension
+    assert kl_divergence(torch.ones(1, 2), torch.zeros(1, 2)).item() == pytest.approx(1.0)
+    # KL(N(0, e) ‖ N(0, 1)) = (e − 1 − 1)/2
+    assert kl_divergence(torch.zeros(1, 1), torch.ones(1, 1)).item() == pytest.approx((math.e - 2) / 2)
+
+
+def test_mse_sums_over_genes():
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    assert mse_reconstruction(x, torch.zeros_like(x)).item() == pytest.approx(14.0)
+
+
+def test_negative_binomial_matches_torch_distribution():
+    counts = torch.tensor([[0.0, 3.0, 10.0]])
+    mean = torch.tensor([[0.5, 2.0, 8.0]])
+    theta = torch.tensor([[1.0, 4.0, 20.0]])
+    reference = torch.distributions.NegativeBinomial(total_count=theta, probs=mean / (mean + theta))
+    expected = -reference.log_prob(counts).sum(dim=-1)
+    torch.testing.assert_close(negative_binomial_nll(counts, mean, theta), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_small_groups_are_left_out_and_all_small_means_one_group():
+    groups = torch.tensor([0, 0, 0, 1, 2, 2, 2])
+    kept = group_rows(groups, min_group_size=3)
+    assert [g.tolist() for g in kept] == [[0, 1, 2], [4, 5, 6]]
+    assert [g.tolist() for g in group_rows(groups, min_group_size=10)] == [list(range(7))]
+
+
+def test_batch_swav_is_the_equal_weight_mean_of_per_group_losses():
+    torch.manual_seed(1)
+    scores = torch.nn.functional.normalize(torch.randn(3, 40, 6), dim=-1)
+    groups = torch.tensor([0] * 30 + [1] * 10)
+    terms = batch_swav_losses(scores, groups, min_group_size=5)
+    swav = [swapped_prediction_loss(scores[:, :30]), swapped_prediction_loss(scores[:, 30:])]
+    prop = [propagation_loss(scores[:, :30]), propagation_loss(scores[:, 30:])]
+    torch.testing.assert_close(terms["swav"], torch.stack(swav).mean())
+    torch.testing.assert_close(terms["prop"], torch.stack(prop).mean())

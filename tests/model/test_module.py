@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from scproto.model.losses import propagation_loss, swapped_prediction_loss
+from scproto.model.module import ScProtoModule
+from scproto.model.optim import LARS, warmup_cosine
+
+N_VIEWS, N_ANCHORS, N_GENES = 4, 48, 30
+
+
+def make_batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(N_VIEWS * N_ANCHORS, N_GENES, generator=generator)
+    anchor_study = torch.tensor([0] * 20 + [1] * 16 + [2] * 12)
+    # neighbours mostly share the anchor's study, sometimes not
+    study = anchor_study.repeat(N_VIEWS)
+    study[N_ANCHORS::7] = 2
+    return {"x": x, "study": study}
+
+
+def make_module(**kwargs):
+    torch.manual_seed(0)
+    settings = dict(n_views=N_VIEWS, n_prototypes=6, dropout=0.0, min_group_size=4, epsilon=0.05)
+    return ScProtoModule(N_GENES, 3, **{**settings, **kwargs}).eval()
+
+
+@pytest.mark.parametrize("group_by", ["anchor", "majority"])
+def test_one_forward_pass_equals_one_pass_per_study(group_by):
+    module, batch = make_module(group_by=group_by), make_batch()
+    with torch.no_grad():
+        terms = module.compute_losses(batch)
+        groups = module.study_groups(batch["study"])
+        swav, prop = [], []
+        for g in groups.unique():
+            anchors = torch.nonzero(groups == g).squeeze(1)
+            rows = (torch.arange(N_VIEWS)[:, None] * N_ANCHORS + anchors[None, :]).reshape(-1)
+            mu, _ = module.cvae.encode(batch["x"][rows], batch["study"][rows])
+            scores = module.scores(mu).view(N_VIEWS, len(anchors), -1)
+            swav.append(swapped_prediction_loss(scores, temperature=0.05, epsilon=0.05))
+            prop.append(propagation_loss(scores))
+    torch.testing.assert_close(terms["swav"], torch.stack(swav).mean())
+    torch.testing.assert_close(terms["prop"], torch.stack(prop).mean())
+
+
+def test_total_loss_combines_terms_with_their_weights():
+    module = make_module(lambda_prop=3.0, lambda_cvae=0.1, kl_weight=0.5)
+    with torch.no_grad():
+        t = module.compute_losses(make_batch())
+    torch.testing.assert_close(t["cvae"], t["recon"] + 0.5 * t["kl"])
+    torch.testing.assert_close(t["loss"], t["swav"] + 3.0 * t["prop"] + 0.1 * t["cvae"])
+
+
+def test_majority_grouping_uses_the_views_mode():
+    module = make_module(group_by="majority")
+    # view-major rows: anchor 0's views are studies 2, 1, 1, 0; anchor 1's are 0, 2, 0, 2 (tie → lower)
+    study = torch.tensor([2, 0, 1, 2, 1, 0, 0, 2])
+    assert module.study_groups(study).tolist() == [1, 0]
+    assert make_module(group_by="anchor").study_groups(study).tolist() == [2, 0]
+
+
+def test_nb_likelihood_runs_and_is_finite():
+    module = make_module(likelihood="nb")
+    batch = make_batch()
+    batch["counts"] = torch.poisson(batch["x"] * 5)
+    terms = module.compute_losses(batch)
+    assert torch.isfinite(terms["loss"]) and terms["recon"] > 0
+
+
+def test_unseen_study_gets_the_mean_embedding():
+    cvae = make_module().cvae
+    mean = cvae.mean_study_embedding()
+    torch.testing.assert_close(cvae.condition(torch.tensor([-1]))[0], mean)
+
+
+def test_lars_update_follows_the_trust_ratio():
+    weight = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # norm 5
+    weight.grad = torch.tensor([0.6, 0.8])  # norm 1
+    LARS([weight], lr=2.0, momentum=0.0, weight_decay=0.0, trust_coefficient=0.01, eps=0.0).step()
+    # step = lr · η · ‖w‖/‖g‖ · g = 2 · 0.01 · 5 · g
+    torch.testing.assert_close(weight.detach(), torch.tensor([3.0 - 0.06, 4.0 - 0.08]))
+
+
+def test_warmup_cosine_schedule():
+    kwargs = dict(warmup_steps=10, total_steps=110)
+    assert warmup_cosine(0, **kwargs) == pytest.approx(0.1)
+    assert warmup_cosine(9, **kwargs) == pytest.approx(1.0)
+    assert warmup_cosine(60, **kwargs) == pytest.approx(0.5)
+    assert warmup_cosine(110, **kwargs) == pytest.approx(0.0, abs=1e-12)

@@ -1,0 +1,102 @@
+"""End to end: composed configs → train(cfg) → the run's outputs → the reloaded model."""
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+
+from scproto import ScProto, ScProtoInputError
+from scproto.train import CONFIG_DIR, train
+from tests.conftest import SHARED_DATA
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+# Stand-ins with each experiment's keys, for files these machines cannot download.
+STAND_INS = {
+    "immune_scib": ("study", "final_annotation", ["Freytag", "Villani", "Oetjen", "Sun"]),
+    "pancreas_scib": ("tech", "celltype", ["celseq", "celseq2", "smartseq2", "inDrop1"]),
+    "cellbench": ("batch", "cell_type", ["CELseq2_5cl_p3", "CELseq2_5cl_p1", "CELseq2_5cl_p2", "Dropseq_3cl"]),
+}
+
+
+def stand_in_file(small_adata, experiment: str, path: Path) -> Path:
+    batch_key, label_key, studies = STAND_INS[experiment]
+    adata = small_adata.copy()
+    adata.obs[batch_key] = adata.obs["study"].cat.rename_categories(studies)
+    adata.obs[label_key] = adata.obs["cell_type"]
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)  # X log-normalised, as in the scIB files
+    adata.write_h5ad(path)
+    return path
+
+
+def test_run_writes_the_three_outputs(make_config, tmp_path):
+    metrics, objects = train(make_config())
+    run = tmp_path / "run"
+    for name in ("checkpoints/last.ckpt", "embedding.h5ad", "prototypes.npy"):
+        assert (run / name).is_file(), name
+    embedding = ad.read_h5ad(run / "embedding.h5ad")
+    assert embedding.n_obs == 1500  # reference and query cells
+    assert {"study", "cell_type", "split", "prototype", "prototype_similarity"} <= set(embedding.obs)
+    assert embedding.obsm["X_scproto"].shape == (1500, 8)
+    assert set(embedding.obs["split"]) == {"reference", "query"}
+    prototypes = np.load(run / "prototypes.npy")
+    assert prototypes.shape == (20, 8)
+    np.testing.assert_allclose(np.linalg.norm(prototypes, axis=1), 1.0, rtol=1e-5)
+    assert np.isfinite(metrics["train/loss"])
+    for term in ("swav", "prop", "cvae", "recon", "kl"):
+        assert f"train/loss_{term}" in metrics
+
+
+def test_same_seed_gives_the_identical_embedding(make_config, tmp_path):
+    first = train(make_config(run_dir=tmp_path / "a"))[1]["embedding"]
+    second = train(make_config(run_dir=tmp_path / "b"))[1]["embedding"]
+    np.testing.assert_array_equal(first.obsm["X_scproto"], second.obsm["X_scproto"])
+    np.testing.assert_array_equal(first.obs["prototype"], second.obs["prototype"])
+    third = train(make_config("seed=5", run_dir=tmp_path / "c"))[1]["embedding"]
+    assert not np.array_equal(first.obsm["X_scproto"], third.obsm["X_scproto"])
+
+
+def test_save_load_gives_the_identical_embedding(make_config, tmp_path, small_adata):
+    _, objects = train(make_config())
+    model = ScProto.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    written = ad.read_h5ad(tmp_path / "run" / "embedding.h5ad")
+    np.testing.assert_array_equal(model.get_latent(small_adata), written.obsm["X_scproto"])
+    prototype, similarity = model.assign_prototypes(small_adata)
+    np.testing.assert_array_equal(prototype, written.obs["prototype"])
+    np.testing.assert_array_equal(similarity, written.obs["prototype_similarity"])
+    np.testing.assert_array_equal(model.get_prototypes(), np.load(tmp_path / "run" / "prototypes.npy"))
+    assert model.registry["studies"] == ["study_0", "study_1", "study_2"]
+    assert len(model.registry["input_spec"]["genes"]) == 500
+    assert model.registry["scproto_version"]
+
+
+def test_reloaded_model_embeds_shuffled_genes_identically(make_config, tmp_path, small_adata):
+    train(make_config())
+    model = ScProto.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    order = np.random.default_rng(0).permutation(small_adata.n_vars)
+    np.testing.assert_allclose(
+        model.get_latent(small_adata[:, order].copy()), model.get_latent(small_adata), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_existing_outputs_are_not_overwritten(make_config, tmp_path):
+    train(make_config())
+    with pytest.raises(ScProtoInputError, match="already holds the outputs"):
+        train(make_config())
+    train(make_config("overwrite=true"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_runs_fast_dev_run(experiment, make_config, tmp_path, small_adata):
+    overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true"]
+    real = SHARED_DATA / "cellbench_5batch.h5ad"
+    if not (experiment == "cellbench" and real.is_file()):
+        overrides.append(f"data.path={stand_in_file(small_adata, experiment, tmp_path / 'data.h5ad')}")
+    metrics, objects = train(make_config(*overrides))
+    assert np.isfinite(metrics["train/loss"])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert objects["embedding"].obs["split"].eq("query").sum() > 0

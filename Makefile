@@ -14,10 +14,10 @@ install:  ## install the project and its dev tools (CPU torch first where torch 
 train: install  ## train on the embedded synthetic data (outputs/train/runs/<time>/)
 	$(PYTHON) train.py
 
-test:  ## the default test suite (skips tests marked slow)
+test: install  ## the default test suite (skips tests marked slow); installs first
 	$(PYTHON) -m pytest -m "not slow" -q || [ $$? -eq 5 ]  # 5: no tests collected
 
-test-all:  ## every test, slow ones included
+test-all: install  ## every test, slow ones included
 	$(PYTHON) -m pytest -q
 
 lint:  ## ruff lint + format check

@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from scproto.api import ScProto  # noqa: E402
-from scproto.errors import ScProtoInputError  # noqa: E402
+from scproto.api import ScProto
+from scproto.errors import ScProtoInputError
 
 __all__ = ["ScProto", "ScProtoInputError", "__version__"]

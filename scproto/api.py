@@ -32,7 +32,9 @@ class ScProto:
         path = Path(path)
         if not path.is_file():
             raise ScProtoInputError(f"Checkpoint not found: {path.resolve()}.")
-        module = ScProtoModule.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+        module = ScProtoModule.load_from_checkpoint(
+            path, map_location=map_location, weights_only=False
+        )
         if not module.registry:
             raise ScProtoInputError(f"{path} is not an scProto checkpoint (it has no registry).")
         return cls(module)
@@ -55,7 +57,9 @@ class ScProto:
     def model_input(self, adata: ad.AnnData) -> sp.csr_matrix:
         """The log-normalised model genes, prepared exactly as for training."""
         matrix = source_matrix(adata, self.spec.source)
-        full = log_normalized(matrix, is_counts=self.spec.is_counts, target_sum=self.spec.target_sum)
+        full = log_normalized(
+            matrix, is_counts=self.spec.is_counts, target_sum=self.spec.target_sum
+        )
         return select_genes(full, adata.var_names, self.spec.genes)
 
     # ----------------------------------------------------------------- outputs

@@ -32,7 +32,9 @@ def load_data(data_cfg: DictConfig) -> ad.AnnData:
         return make_synthetic(**data_cfg.synthetic)
     if data_cfg.source == "h5ad":
         if not data_cfg.path:
-            raise ScProtoInputError("`data.path` is not set: give the .h5ad file, e.g. data.path=/data/atlas.h5ad.")
+            raise ScProtoInputError(
+                "`data.path` is not set: give the .h5ad file, e.g. data.path=/data/atlas.h5ad."
+            )
         return read_h5ad(data_cfg.path)
     raise ScProtoInputError(f"data.source must be 'synthetic' or 'h5ad', got {data_cfg.source!r}.")
 
@@ -89,7 +91,9 @@ def write_outputs(model: ScProto, datamodule: ScProtoDataModule, run_dir: Path) 
     obs["prototype_similarity"] = similarity
     embedding = ad.AnnData(obs=obs)
     embedding.obsm["X_scproto"] = latent
-    embedding.obsm["X_scproto_unit"] = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
+    embedding.obsm["X_scproto_unit"] = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(
+        1e-12
+    )
     embedding.uns["scproto"] = {
         "batch_key": datamodule.batch_key,
         "label_key": datamodule.label_key or "",
@@ -126,7 +130,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics["time/train_s"] = train_seconds
     metrics["time/data_setup_s"] = sum(datamodule.timings.values())
     log.info("training took %.1f s; outputs in %s", train_seconds, run_dir)
-    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "embedding": embedding}
+    return metrics, {
+        "model": model,
+        "datamodule": datamodule,
+        "trainer": trainer,
+        "embedding": embedding,
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -81,8 +81,12 @@ def main() -> None:
     adata = make_synthetic(n_cells=args.cells, n_genes=args.genes, query_studies=1, seed=0)
     generate_s = time.perf_counter() - start
     datamodule = ScProtoDataModule(
-        adata, batch_key="study", query_studies=adata.uns["query_studies"], n_top_genes=args.genes,
-        batch_size=args.batch_size, seed=0,
+        adata,
+        batch_key="study",
+        query_studies=adata.uns["query_studies"],
+        n_top_genes=args.genes,
+        batch_size=args.batch_size,
+        seed=0,
     )
     datamodule.setup()
     reference = datamodule.x[datamodule.train_index]
@@ -100,8 +104,13 @@ def main() -> None:
     model_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
     timer = StepTimer()
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, limit_train_batches=args.steps + 3, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=args.steps + 3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[timer],
     )
     rss_before_training = rss_mb()
@@ -116,15 +125,24 @@ def main() -> None:
     pca_s = t.get("PCA", float("nan"))
     knn_s = next((v for k, v in t.items() if "NN" in k), float("nan"))
     rows = [
-        ("machine", f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"),
-        ("data", f"{args.cells:,} cells × {args.genes:,} genes, {len(datamodule.train_index):,} reference cells, density {reference.nnz / np.prod(reference.shape):.1%}"),
+        (
+            "machine",
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        ),
+        (
+            "data",
+            f"{args.cells:,} cells × {args.genes:,} genes, {len(datamodule.train_index):,} reference cells, density {reference.nnz / np.prod(reference.shape):.1%}",
+        ),
         ("generate synthetic data", f"{generate_s:.1f} s"),
         ("log-normalise", f"{t['log-normalise']:.2f} s"),
         (f"HVG (scanpy seurat, {args.genes // 2} of {args.genes})", f"{hvg_s:.2f} s"),
         ("PCA 50 (randomized, sparse)", f"{pca_s:.2f} s"),
         ("exact 50-NN (faiss IndexFlatL2)", f"{knn_s:.2f} s"),
         ("data setup: HVG + PCA + kNN", f"{hvg_s + pca_s + knn_s:.2f} s"),
-        ("step time (median of {})".format(len(step_times)), f"{np.median(step_times) * 1000:.0f} ms (p90 {np.percentile(step_times, 90) * 1000:.0f} ms)"),
+        (
+            f"step time (median of {len(step_times)})",
+            f"{np.median(step_times) * 1000:.0f} ms (p90 {np.percentile(step_times, 90) * 1000:.0f} ms)",
+        ),
         ("throughput: anchor cells/s", f"{anchors_per_s:,.0f}"),
         ("throughput: view rows/s (× 8)", f"{anchors_per_s * 8:,.0f}"),
         ("sparse training matrix", f"{matrix_mb:.0f} MB"),
@@ -132,7 +150,10 @@ def main() -> None:
         ("RSS after imports", f"{base_rss:.0f} MB"),
         ("RSS before training (data ready)", f"{rss_before_training:.0f} MB"),
         ("peak RSS during training", f"{sampler.peak:.0f} MB"),
-        ("training peak above imports (data + model + minibatches + autograd)", f"{sampler.peak - base_rss:.0f} MB"),
+        (
+            "training peak above imports (data + model + minibatches + autograd)",
+            f"{sampler.peak - base_rss:.0f} MB",
+        ),
         ("peak RSS of the whole script, generation included", f"{peak_rss_mb():.0f} MB"),
     ]
     print("| quantity | value |\n|---|---|")

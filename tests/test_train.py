@@ -17,7 +17,11 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 STAND_INS = {
     "immune_scib": ("study", "final_annotation", ["Freytag", "Villani", "Oetjen", "Sun"]),
     "pancreas_scib": ("tech", "celltype", ["celseq", "celseq2", "smartseq2", "inDrop1"]),
-    "cellbench": ("batch", "cell_type", ["CELseq2_5cl_p3", "CELseq2_5cl_p1", "CELseq2_5cl_p2", "Dropseq_3cl"]),
+    "cellbench": (
+        "batch",
+        "cell_type",
+        ["CELseq2_5cl_p3", "CELseq2_5cl_p1", "CELseq2_5cl_p2", "Dropseq_3cl"],
+    ),
 }
 
 
@@ -34,13 +38,15 @@ def stand_in_file(small_adata, experiment: str, path: Path) -> Path:
 
 
 def test_run_writes_the_three_outputs(make_config, tmp_path):
-    metrics, objects = train(make_config())
+    metrics, _ = train(make_config())
     run = tmp_path / "run"
     for name in ("checkpoints/last.ckpt", "embedding.h5ad", "prototypes.npy"):
         assert (run / name).is_file(), name
     embedding = ad.read_h5ad(run / "embedding.h5ad")
     assert embedding.n_obs == 1500  # reference and query cells
-    assert {"study", "cell_type", "split", "prototype", "prototype_similarity"} <= set(embedding.obs)
+    assert {"study", "cell_type", "split", "prototype", "prototype_similarity"} <= set(
+        embedding.obs
+    )
     assert embedding.obsm["X_scproto"].shape == (1500, 8)
     assert set(embedding.obs["split"]) == {"reference", "query"}
     prototypes = np.load(run / "prototypes.npy")
@@ -61,14 +67,16 @@ def test_same_seed_gives_the_identical_embedding(make_config, tmp_path):
 
 
 def test_save_load_gives_the_identical_embedding(make_config, tmp_path, small_adata):
-    _, objects = train(make_config())
+    train(make_config())
     model = ScProto.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     written = ad.read_h5ad(tmp_path / "run" / "embedding.h5ad")
     np.testing.assert_array_equal(model.get_latent(small_adata), written.obsm["X_scproto"])
     prototype, similarity = model.assign_prototypes(small_adata)
     np.testing.assert_array_equal(prototype, written.obs["prototype"])
     np.testing.assert_array_equal(similarity, written.obs["prototype_similarity"])
-    np.testing.assert_array_equal(model.get_prototypes(), np.load(tmp_path / "run" / "prototypes.npy"))
+    np.testing.assert_array_equal(
+        model.get_prototypes(), np.load(tmp_path / "run" / "prototypes.npy")
+    )
     assert model.registry["studies"] == ["study_0", "study_1", "study_2"]
     assert len(model.registry["input_spec"]["genes"]) == 500
     assert model.registry["scproto_version"]
@@ -79,7 +87,10 @@ def test_reloaded_model_embeds_shuffled_genes_identically(make_config, tmp_path,
     model = ScProto.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     order = np.random.default_rng(0).permutation(small_adata.n_vars)
     np.testing.assert_allclose(
-        model.get_latent(small_adata[:, order].copy()), model.get_latent(small_adata), rtol=1e-5, atol=1e-6
+        model.get_latent(small_adata[:, order].copy()),
+        model.get_latent(small_adata),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -91,11 +102,15 @@ def test_existing_outputs_are_not_overwritten(make_config, tmp_path):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_runs_fast_dev_run(experiment, make_config, tmp_path, small_adata):
+def test_every_experiment_composes_and_runs_fast_dev_run(
+    experiment, make_config, tmp_path, small_adata
+):
     overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true"]
     real = SHARED_DATA / "cellbench_5batch.h5ad"
     if not (experiment == "cellbench" and real.is_file()):
-        overrides.append(f"data.path={stand_in_file(small_adata, experiment, tmp_path / 'data.h5ad')}")
+        overrides.append(
+            f"data.path={stand_in_file(small_adata, experiment, tmp_path / 'data.h5ad')}"
+        )
     metrics, objects = train(make_config(*overrides))
     assert np.isfinite(metrics["train/loss"])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -142,7 +142,10 @@ class ScProtoDataModule(pl.LightningDataModule):
         self._prepared = True
         log.info(
             "data ready: %d reference cells (%d studies), %d query cells, %d genes; setup %.1f s",
-            len(self.train_index), len(self.studies), (~reference).sum(), len(genes),
+            len(self.train_index),
+            len(self.studies),
+            (~reference).sum(),
+            len(genes),
             sum(self.timings.values()),
         )
 
@@ -153,7 +156,9 @@ class ScProtoDataModule(pl.LightningDataModule):
 
     def _neighbor_graph(self, reference_x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         n_cells = reference_x.shape[0]
-        approximate = self.knn_approximate_above is not None and n_cells > self.knn_approximate_above
+        approximate = (
+            self.knn_approximate_above is not None and n_cells > self.knn_approximate_above
+        )
         settings = {
             "n_pcs": self.n_pcs,
             "n_neighbors": self.n_neighbors,
@@ -169,9 +174,16 @@ class ScProtoDataModule(pl.LightningDataModule):
             return cached
         with timed("PCA", self.timings):
             coordinates = randomized_pca(reference_x, self.n_pcs, seed=self.seed)
-        with timed(f"{'approximate' if approximate else 'exact'} {self.n_neighbors}-NN (faiss)", self.timings):
+        with timed(
+            f"{'approximate' if approximate else 'exact'} {self.n_neighbors}-NN (faiss)",
+            self.timings,
+        ):
             neighbors, distances = knn.knn_graph(
-                coordinates, self.n_neighbors, approximate=approximate, seed=self.seed, nprobe=self.knn_nprobe
+                coordinates,
+                self.n_neighbors,
+                approximate=approximate,
+                seed=self.seed,
+                nprobe=self.knn_nprobe,
             )
         knn.save_cached(self.cache_dir, key, neighbors, distances)
         return neighbors, distances

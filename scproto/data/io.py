@@ -108,7 +108,9 @@ def validate_anndata(
         )
     check_expression(adata.X, where="X", expect_counts=False)
     if counts_layer is not None:
-        check_expression(adata.layers[counts_layer], where=f"layers[{counts_layer!r}]", expect_counts=True)
+        check_expression(
+            adata.layers[counts_layer], where=f"layers[{counts_layer!r}]", expect_counts=True
+        )
 
     studies = adata.obs[batch_key].astype(str)
     unknown = sorted(set(query_studies) - set(studies))

@@ -26,7 +26,9 @@ def drop_self(neighbors: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray,
     return neighbors[keep].reshape(n_rows, k), distances[keep].reshape(n_rows, k)
 
 
-def build_index(coordinates: np.ndarray, *, approximate: bool, seed: int, nprobe: int) -> faiss.Index:
+def build_index(
+    coordinates: np.ndarray, *, approximate: bool, seed: int, nprobe: int
+) -> faiss.Index:
     """Exact L2 index, or an inverted-file index (√n·4 lists) for large data."""
     dim = coordinates.shape[1]
     if not approximate:
@@ -81,7 +83,9 @@ def load_cached(cache_dir: Path | None, key: str) -> tuple[np.ndarray, np.ndarra
         return cached["neighbors"], cached["distances"]
 
 
-def save_cached(cache_dir: Path | None, key: str, neighbors: np.ndarray, distances: np.ndarray) -> None:
+def save_cached(
+    cache_dir: Path | None, key: str, neighbors: np.ndarray, distances: np.ndarray
+) -> None:
     if cache_dir is None:
         return
     cache_dir = Path(cache_dir)

@@ -53,11 +53,15 @@ def log_normalized(matrix, *, is_counts: bool, target_sum: float) -> sp.csr_matr
     matrix = as_csr32(matrix)
     if not is_counts:
         return matrix
-    normalized = sc.pp.normalize_total(ad.AnnData(matrix), target_sum=target_sum, inplace=False)["X"]
+    normalized = sc.pp.normalize_total(ad.AnnData(matrix), target_sum=target_sum, inplace=False)[
+        "X"
+    ]
     return as_csr32(sc.pp.log1p(as_csr32(normalized)))
 
 
-def select_genes(matrix: sp.csr_matrix, var_names, genes, *, min_overlap: float = 0.5) -> sp.csr_matrix:
+def select_genes(
+    matrix: sp.csr_matrix, var_names, genes, *, min_overlap: float = 0.5
+) -> sp.csr_matrix:
     """Columns of ``matrix`` reordered to ``genes``; absent genes are zero-filled with a warning."""
     position = pd.Index(var_names).get_indexer(list(genes))
     present = position >= 0

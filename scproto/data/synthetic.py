@@ -3,7 +3,8 @@
 Generative model
 ----------------
 1. *Cell types.* Nine PBMC-like cell types sit in five lineages (T cell, NK, B cell, Myeloid,
-   Megakaryocyte). Every gene gets a heavy-tailed (log-normal) baseline abundance; marker
+   Megakaryocyte). Every gene gets a baseline log-abundance (normal minus exponential: a long
+   tail of barely detected genes; softly capped so no gene dominates a cell); marker
    programs -- one per lineage, one per subtype (partly shared with its siblings), two shared
    ones (cytotoxic: CD8 T + NK; MHC-II: B + myeloid) and one for the rare megakaryocytes --
    add gamma-distributed log-fold-changes in the cell types that use them, and a small
@@ -192,13 +193,18 @@ _PROGRAMS = (
 _MIN_BACKGROUND_GENES = 100
 _MIN_CELLS_PER_STUDY = 50
 
-_BASELINE_LOG_SD = 3.0  # spread of baseline log-abundances, ~5 decades as in real tissue
+# Background log-abundance ~ N(0, sd) - Exp(tail): left-skewed as in real tissue, with a bounded
+# top of highly expressed genes and a long tail of barely detected ones.
+_BASELINE_LOG_SD = 2.5
+_BASELINE_LOW_TAIL = 3.5
 # Markers are detectable genes: their off-state sits above the typical background gene.
-_MARKER_BASELINE_MEAN = 1.0
+_MARKER_BASELINE_MEAN = -1.0
 _MARKER_BASELINE_SD = 0.75
+# Soft ceiling on log-abundances: no gene takes more than ~10 % of a cell's UMIs, as in real data.
+_MAX_LOG_ABUNDANCE = 5.5
 _LFC_SHAPE = 6.0  # gamma shape of marker log-fold-changes (coefficient of variation 0.4)
 _LINEAGE_JITTER_SD = 0.25
-_TYPE_JITTER_SD = 0.15  # subtypes of one lineage stay close apart from their programs
+_TYPE_JITTER_SD = 0.1  # subtypes of one lineage stay close apart from their programs
 _THETA_MEDIAN = 7.0
 _THETA_LOG_SD = 0.5
 _INTERACTION_SCALE = 1 / 3  # study x lineage effect relative to the global study effect
@@ -290,17 +296,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def _background(rng, n):
-    return rng.normal(0.0, _BASELINE_LOG_SD, n)
-
-
 def _type_log_abundances(rng: np.random.Generator, n_genes: int) -> np.ndarray:
     """Log-abundances ``(n_types, n_genes)``, marker genes first in ``_MARKERS`` order."""
     n_markers = len(_MARKERS)
     baseline = np.concatenate(
         [
             rng.normal(_MARKER_BASELINE_MEAN, _MARKER_BASELINE_SD, n_markers),
-            _background(rng, n_genes - n_markers),
+            rng.normal(0.0, _BASELINE_LOG_SD, n_genes - n_markers)
+            - rng.exponential(_BASELINE_LOW_TAIL, n_genes - n_markers),
         ]
     )
     log_abundance = np.tile(baseline, (len(_CELL_TYPES), 1))
@@ -312,7 +315,12 @@ def _type_log_abundances(rng: np.random.Generator, n_genes: int) -> np.ndarray:
             log_abundance[_TYPE_NAMES.index(name), genes] += share * lfc
     lineage_jitter = rng.normal(0.0, _LINEAGE_JITTER_SD, (len(_LINEAGES), n_genes))
     type_jitter = rng.normal(0.0, _TYPE_JITTER_SD, log_abundance.shape)
-    return log_abundance + lineage_jitter[_LINEAGE_INDEX] + type_jitter
+    return _soft_cap(log_abundance + lineage_jitter[_LINEAGE_INDEX] + type_jitter)
+
+
+def _soft_cap(log_abundance: np.ndarray) -> np.ndarray:
+    """Smooth minimum with ``_MAX_LOG_ABUNDANCE``: identity far below it, saturating above."""
+    return _MAX_LOG_ABUNDANCE - np.logaddexp(0.0, _MAX_LOG_ABUNDANCE - log_abundance)
 
 
 def _expression_profiles(

@@ -61,7 +61,9 @@ class ConditionalVAE(nn.Module):
 
     def mean_study_embedding(self) -> torch.Tensor:
         """Average of the study embeddings: the condition of a batch-free profile."""
-        all_studies = torch.arange(self.study_embedding.num_embeddings, device=self.output_head.weight.device)
+        all_studies = torch.arange(
+            self.study_embedding.num_embeddings, device=self.output_head.weight.device
+        )
         return self.study_embedding(all_studies).mean(dim=0)
 
     def condition(self, study: torch.Tensor) -> torch.Tensor:
@@ -81,9 +83,7 @@ class ConditionalVAE(nn.Module):
         out = self.output_head(self.decoder(torch.cat([z, embedding], dim=-1)))
         return F.relu(out) if self.likelihood == "mse" else F.softmax(out, dim=-1)
 
-    def forward(
-        self, x: torch.Tensor, study: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, study: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, logvar = self.encode(x, study)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         return {"mu": mu, "logvar": logvar, "decoded": self.decode(z, self.condition(study))}

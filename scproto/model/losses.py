@@ -74,9 +74,7 @@ def negative_binomial_nll(
     return -log_likelihood.sum(dim=-1)
 
 
-def group_rows(
-    groups: torch.Tensor, min_group_size: int
-) -> list[torch.Tensor]:
+def group_rows(groups: torch.Tensor, min_group_size: int) -> list[torch.Tensor]:
     """Anchor indices of each group (study) with at least ``min_group_size`` anchors.
 
     Sinkhorn on a handful of cells spreads each over many prototypes, which is noise, so

@@ -95,7 +95,9 @@ class ScProtoModule(pl.LightningModule):
         cvae = self.cvae.loss(x, study, outputs, counts=batch.get("counts"))
         terms["recon"], terms["kl"] = cvae["recon"], cvae["kl"]
         terms["cvae"] = cvae["recon"] + hp.kl_weight * cvae["kl"]
-        terms["loss"] = terms["swav"] + hp.lambda_prop * terms["prop"] + hp.lambda_cvae * terms["cvae"]
+        terms["loss"] = (
+            terms["swav"] + hp.lambda_prop * terms["prop"] + hp.lambda_cvae * terms["cvae"]
+        )
         terms.update(self._assignment_diagnostics(scores[0]))
         return terms
 
@@ -154,4 +156,7 @@ class ScProtoModule(pl.LightningModule):
             )
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

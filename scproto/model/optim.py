@@ -52,7 +52,9 @@ class LARS(torch.optim.SGD):
         return loss
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, final_ratio: float = 0.0) -> float:
+def warmup_cosine(
+    step: int, *, warmup_steps: int, total_steps: int, final_ratio: float = 0.0
+) -> float:
     """Learning-rate multiplier: linear warm-up from 0, then cosine decay to ``final_ratio``."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps

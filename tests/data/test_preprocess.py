@@ -26,7 +26,9 @@ def test_randomized_pca_matches_exact_pca_up_to_sign():
 
 def test_randomized_pca_is_reproducible():
     matrix = low_rank_sparse()
-    np.testing.assert_array_equal(randomized_pca(matrix, 8, seed=3), randomized_pca(matrix, 8, seed=3))
+    np.testing.assert_array_equal(
+        randomized_pca(matrix, 8, seed=3), randomized_pca(matrix, 8, seed=3)
+    )
 
 
 def test_counts_detection():

@@ -59,7 +59,9 @@ def test_kl_known_values():
     # KL(N(1, 1) ‖ N(0, 1)) = 1/2 per dimension
     assert kl_divergence(torch.ones(1, 2), torch.zeros(1, 2)).item() == pytest.approx(1.0)
     # KL(N(0, e) ‖ N(0, 1)) = (e − 1 − 1)/2
-    assert kl_divergence(torch.zeros(1, 1), torch.ones(1, 1)).item() == pytest.approx((math.e - 2) / 2)
+    assert kl_divergence(torch.zeros(1, 1), torch.ones(1, 1)).item() == pytest.approx(
+        (math.e - 2) / 2
+    )
 
 
 def test_mse_sums_over_genes():
@@ -73,7 +75,9 @@ def test_negative_binomial_matches_torch_distribution():
     theta = torch.tensor([[1.0, 4.0, 20.0]])
     reference = torch.distributions.NegativeBinomial(total_count=theta, probs=mean / (mean + theta))
     expected = -reference.log_prob(counts).sum(dim=-1)
-    torch.testing.assert_close(negative_binomial_nll(counts, mean, theta), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        negative_binomial_nll(counts, mean, theta), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_small_groups_are_left_out_and_all_small_means_one_group():

@@ -21,7 +21,9 @@ def test_prototype_marginals_converge_to_balanced():
 
 
 def test_three_iterations_are_more_balanced_than_softmax():
-    scores = random_scores(n=200, k=8) + torch.linspace(0, 0.5, 8)  # skewed towards the last prototypes
+    scores = random_scores(n=200, k=8) + torch.linspace(
+        0, 0.5, 8
+    )  # skewed towards the last prototypes
     softmax_mass = torch.softmax(scores / 0.05, dim=1).sum(dim=0)
     sinkhorn_mass = sinkhorn(scores, epsilon=0.05, n_iters=3).sum(dim=0)
     assert sinkhorn_mass.std() < 0.5 * softmax_mass.std()
@@ -44,4 +46,6 @@ def test_tiny_epsilon_stays_finite():
 
 def test_hard_assignments_are_one_hot_argmax():
     q = torch.tensor([[0.2, 0.7, 0.1], [0.5, 0.3, 0.2]])
-    torch.testing.assert_close(hard_assignments(q), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(
+        hard_assignments(q), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    )

@@ -18,7 +18,8 @@ Generative model
    where ``p_st`` are the batch-distorted proportions of type ``t``. Finally each non-zero
    count is zeroed with the study's dropout rate (technical zero-inflation).
 
-Only ``np.random.default_rng(seed)`` is used, so the output is bit-for-bit reproducible.
+All randomness comes from ``np.random.default_rng(seed)`` (split into independent streams for
+genes, studies and cells), so the output is bit-for-bit reproducible.
 """
 
 import numbers
@@ -198,7 +199,7 @@ _MIN_CELLS_PER_STUDY = 50
 _BASELINE_LOG_SD = 2.5
 _BASELINE_LOW_TAIL = 3.5
 # Markers are detectable genes: their off-state sits above the typical background gene.
-_MARKER_BASELINE_MEAN = -1.0
+_MARKER_BASELINE_MEAN = -1.5
 _MARKER_BASELINE_SD = 0.75
 # Soft ceiling on log-abundances: no gene takes more than ~10 % of a cell's UMIs, as in real data.
 _MAX_LOG_ABUNDANCE = 5.5
@@ -266,7 +267,11 @@ def _validate(
             "so that at least one study remains as reference."
         )
     min_cells = _MIN_CELLS_PER_STUDY * n_studies
-    _check_int("n_cells", n_cells, min_cells)
+    if _check_int("n_cells", n_cells, 1) < min_cells:
+        raise ScProtoInputError(
+            f"n_cells={n_cells} is too small for {n_studies} studies; use n_cells >= {min_cells} "
+            f"({_MIN_CELLS_PER_STUDY} cells per study)."
+        )
     min_genes = len(_MARKERS) + _MIN_BACKGROUND_GENES
     if _check_int("n_genes", n_genes, 1) < min_genes:
         raise ScProtoInputError(
@@ -296,6 +301,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+def _soft_cap(log_abundance: np.ndarray) -> np.ndarray:
+    """Smooth minimum with ``_MAX_LOG_ABUNDANCE``: identity far below it, saturating above."""
+    return _MAX_LOG_ABUNDANCE - np.logaddexp(0.0, _MAX_LOG_ABUNDANCE - log_abundance)
+
+
 def _type_log_abundances(rng: np.random.Generator, n_genes: int) -> np.ndarray:
     """Log-abundances ``(n_types, n_genes)``, marker genes first in ``_MARKERS`` order."""
     n_markers = len(_MARKERS)
@@ -316,11 +326,6 @@ def _type_log_abundances(rng: np.random.Generator, n_genes: int) -> np.ndarray:
     lineage_jitter = rng.normal(0.0, _LINEAGE_JITTER_SD, (len(_LINEAGES), n_genes))
     type_jitter = rng.normal(0.0, _TYPE_JITTER_SD, log_abundance.shape)
     return _soft_cap(log_abundance + lineage_jitter[_LINEAGE_INDEX] + type_jitter)
-
-
-def _soft_cap(log_abundance: np.ndarray) -> np.ndarray:
-    """Smooth minimum with ``_MAX_LOG_ABUNDANCE``: identity far below it, saturating above."""
-    return _MAX_LOG_ABUNDANCE - np.logaddexp(0.0, _MAX_LOG_ABUNDANCE - log_abundance)
 
 
 def _expression_profiles(
@@ -366,6 +371,7 @@ def _study_compositions(rng: np.random.Generator, n_studies: int) -> np.ndarray:
 
 
 def _study_design(rng: np.random.Generator, n_cells: int, n_studies: int) -> _StudyDesign:
+    """Sizes, compositions, library sizes and dropout of the studies."""
     # Uneven study sizes, none below half of the even share.
     size_weights = 1 / n_studies + rng.dirichlet(np.full(n_studies, _STUDY_SIZE_CONCENTRATION))
     return _StudyDesign(
@@ -507,8 +513,9 @@ def _gene_table(n_genes: int, order: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"marker_of": marker_of.astype(str)}, index=pd.Index(names.astype(str)))
 
 
-def _cell_table(studies: np.ndarray, cell_types: np.ndarray, query_studies: int) -> pd.DataFrame:
-    n_studies = studies.max() + 1
+def _cell_table(
+    studies: np.ndarray, cell_types: np.ndarray, n_studies: int, query_studies: int
+) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "study": pd.Categorical.from_codes(studies, [f"study_{i}" for i in range(n_studies)]),
@@ -574,7 +581,7 @@ def make_synthetic(
         design.dropout,
     )
 
-    obs = _cell_table(studies, cell_types, query_studies)
+    obs = _cell_table(studies, cell_types, n_studies, query_studies)
     adata = ad.AnnData(X=counts, obs=obs, var=_gene_table(n_genes, gene_order))
     adata.layers["counts"] = counts.copy()  # a copy, so in-place normalisation of X keeps it
     study_names = list(obs["study"].cat.categories)

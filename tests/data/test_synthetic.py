@@ -7,6 +7,7 @@ import pytest
 from scipy import sparse
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
+from threadpoolctl import threadpool_limits
 
 from scproto.data.synthetic import make_synthetic
 
@@ -28,7 +29,9 @@ def _pca(counts: sparse.csr_matrix, n_components: int = 30, n_top: int = 500) ->
     """PCA of the ``n_top`` most variable log-normalised genes, as in a standard workflow."""
     log_expression = _log_normalised(counts)
     top = np.argsort(log_expression.var(axis=0))[-n_top:]
-    return PCA(n_components, random_state=0).fit_transform(log_expression[:, top])
+    # One BLAS thread: the matrix is small, and threads oversubscribe busy machines badly.
+    with threadpool_limits(1):
+        return PCA(n_components, random_state=0).fit_transform(log_expression[:, top])
 
 
 def _knn_purity(embedding: np.ndarray, labels: pd.Series, k: int = 15) -> float:

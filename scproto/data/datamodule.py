@@ -201,12 +201,10 @@ class ScProtoDataModule(pl.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        train = self.train_index
-        counts = None if self.counts is None else self.counts[train]
-        rows = ViewRows(self.x[train], self.study_codes[train], counts)
+        rows = ViewRows(self.x, self.study_codes, self.counts, cells=self.train_index)
         sampler = ViewBatchSampler(
             self.neighbors,
-            batch_size=min(self.batch_size, len(train)),
+            batch_size=min(self.batch_size, len(self.train_index)),
             n_views=self.n_views,
             seed=self.seed,
             probabilities=neighbor_probabilities(self.distances, self.neighbor_weighting),

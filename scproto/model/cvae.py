@@ -12,14 +12,24 @@ from scproto.model.losses import kl_divergence, mse_reconstruction, negative_bin
 Likelihood = Literal["mse", "nb"]
 
 
-def _hidden_block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
-    # LayerNorm without affine, as in scPoli: the study embedding carries the shift.
-    return nn.Sequential(
-        nn.Linear(n_in, n_out),
-        nn.LayerNorm(n_out, elementwise_affine=False),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-    )
+class ConditionedBlock(nn.Module):
+    """Linear([x ‖ e]) → LayerNorm (no affine, as in scPoli) → ReLU → Dropout.
+
+    The linear map is computed as W_x·x + W_e·e: the same function as on the
+    concatenation, but without copying x, and autograd never forms the gradient with
+    respect to x (a full rows × genes product) just to reach the embedding e.
+    """
+
+    def __init__(self, n_in: int, n_condition: int, n_out: int, dropout: float) -> None:
+        super().__init__()
+        self.data = nn.Linear(n_in, n_out)
+        self.condition = nn.Linear(n_condition, n_out, bias=False)
+        self.post = nn.Sequential(
+            nn.LayerNorm(n_out, elementwise_affine=False), nn.ReLU(), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.post(self.data(x) + self.condition(condition))
 
 
 class ConditionalVAE(nn.Module):
@@ -46,10 +56,10 @@ class ConditionalVAE(nn.Module):
         hidden_dim = hidden_dim or math.ceil(math.sqrt(n_genes))
         self.likelihood = likelihood
         self.study_embedding = nn.Embedding(n_studies, embedding_dim, max_norm=1.0)
-        self.encoder = _hidden_block(n_genes + embedding_dim, hidden_dim, dropout)
+        self.encoder = ConditionedBlock(n_genes, embedding_dim, hidden_dim, dropout)
         self.mean_head = nn.Linear(hidden_dim, latent_dim)
         self.logvar_head = nn.Linear(hidden_dim, latent_dim)
-        self.decoder = _hidden_block(latent_dim + embedding_dim, hidden_dim, dropout)
+        self.decoder = ConditionedBlock(latent_dim, embedding_dim, hidden_dim, dropout)
         self.output_head = nn.Linear(hidden_dim, n_genes)
         if likelihood == "nb":
             # log inverse dispersion per study × gene
@@ -75,12 +85,12 @@ class ConditionalVAE(nn.Module):
         return torch.where(unseen[:, None], self.mean_study_embedding(), embedding)
 
     def encode(self, x: torch.Tensor, study: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.encoder(torch.cat([x, self.condition(study)], dim=-1))
+        hidden = self.encoder(x, self.condition(study))
         return self.mean_head(hidden), self.logvar_head(hidden)
 
     def decode(self, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Expression (MSE) or gene proportions (NB) for latents z and study embeddings."""
-        out = self.output_head(self.decoder(torch.cat([z, embedding], dim=-1)))
+        out = self.output_head(self.decoder(z, embedding))
         return F.relu(out) if self.likelihood == "mse" else F.softmax(out, dim=-1)
 
     def forward(self, x: torch.Tensor, study: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -101,6 +111,7 @@ class ConditionalVAE(nn.Module):
         else:
             library = counts.sum(dim=-1, keepdim=True)
             theta = self.log_theta[study].exp()
-            reconstruction = negative_binomial_nll(counts, outputs["decoded"] * library, theta)
+            nll = negative_binomial_nll(counts, outputs["decoded"] * library, theta)
+            reconstruction = nll.mean()
         kl = kl_divergence(outputs["mu"], outputs["logvar"])
-        return {"recon": reconstruction.mean(), "kl": kl.mean()}
+        return {"recon": reconstruction, "kl": kl.mean()}

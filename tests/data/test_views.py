@@ -71,3 +71,12 @@ def test_rows_are_densified_per_minibatch_only():
     np.testing.assert_array_equal(batch["x"].numpy(), matrix[[3, 3, 7]].toarray())
     assert batch["study"].tolist() == [1, 1, 1]
     assert sp.issparse(rows.x)
+
+
+def test_rows_of_a_subset_map_to_the_full_matrix_without_copying_it():
+    matrix = sp.random(10, 4, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    rows = ViewRows(matrix, np.arange(10), cells=np.array([2, 5, 9]))
+    assert len(rows) == 3 and rows.x is matrix
+    batch = rows.__getitems__(np.array([0, 2]))
+    np.testing.assert_array_equal(batch["x"].numpy(), matrix[[2, 9]].toarray())
+    assert batch["study"].tolist() == [2, 9]

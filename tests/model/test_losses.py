@@ -64,9 +64,9 @@ def test_kl_known_values():
     )
 
 
-def test_mse_sums_over_genes():
-    x = torch.tensor([[1.0, 2.0, 3.0]])
-    assert mse_reconstruction(x, torch.zeros_like(x)).item() == pytest.approx(14.0)
+def test_mse_sums_over_genes_and_averages_over_rows():
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 2.0]])
+    assert mse_reconstruction(x, torch.zeros_like(x)).item() == pytest.approx((14.0 + 4.0) / 2)
 
 
 def test_negative_binomial_matches_torch_distribution():

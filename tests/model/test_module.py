@@ -86,3 +86,12 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(9, **kwargs) == pytest.approx(1.0)
     assert warmup_cosine(60, **kwargs) == pytest.approx(0.5)
     assert warmup_cosine(110, **kwargs) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_prototype_freeze_drops_prototype_gradients_for_the_first_iterations():
+    module = make_module(freeze_prototypes_iters=5)
+    module.compute_losses(make_batch())["loss"].backward()
+    assert module.prototypes.grad is not None
+    module.on_after_backward()  # global_step is 0 < 5 outside a trainer
+    assert module.prototypes.grad is None
+    assert module.cvae.encoder.data.weight.grad is not None

@@ -9,7 +9,14 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from scproto.data.preprocess import InputSpec, log_normalized, select_genes, source_matrix
+from scproto.data.io import check_expression, check_gene_names
+from scproto.data.preprocess import (
+    InputSpec,
+    log_normalized,
+    looks_like_counts,
+    select_genes,
+    source_matrix,
+)
 from scproto.errors import ScProtoInputError
 from scproto.model.module import ScProtoModule
 
@@ -32,9 +39,12 @@ class ScProto:
         path = Path(path)
         if not path.is_file():
             raise ScProtoInputError(f"Checkpoint not found: {path.resolve()}.")
-        module = ScProtoModule.load_from_checkpoint(
-            path, map_location=map_location, weights_only=False
-        )
+        try:
+            module = ScProtoModule.load_from_checkpoint(path, map_location=map_location)
+        except Exception as error:  # torch/pickle raise many types for a foreign file
+            raise ScProtoInputError(
+                f"{path} could not be read as an scProto checkpoint ({type(error).__name__}: {error})."
+            ) from error
         if not module.registry:
             raise ScProtoInputError(f"{path} is not an scProto checkpoint (it has no registry).")
         return cls(module)
@@ -56,7 +66,17 @@ class ScProto:
 
     def model_input(self, adata: ad.AnnData) -> sp.csr_matrix:
         """The log-normalised model genes, prepared exactly as for training."""
+        check_gene_names(adata.var_names)
         matrix = source_matrix(adata, self.spec.source)
+        check_expression(matrix, where="X", expect_counts=False)
+        if looks_like_counts(matrix) != self.spec.is_counts:
+            trained, given = (
+                ("raw counts", "log") if self.spec.is_counts else ("log-normalised", "count")
+            )
+            raise ScProtoInputError(
+                f"The model was trained on {trained} in X, but this X looks like {given} data. "
+                "Give the same kind of matrix the model was trained on."
+            )
         full = log_normalized(
             matrix, is_counts=self.spec.is_counts, target_sum=self.spec.target_sum
         )

@@ -1,6 +1,7 @@
 """`train(cfg)`: build data and model from a composed config, fit, write the run's outputs."""
 
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import hydra
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import scproto
@@ -25,6 +27,34 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 OUTPUT_NAMES = ("checkpoints/last.ckpt", "embedding.h5ad", "prototypes.npy")
+
+
+# Settings with a fixed set of values, checked before any data is read.
+CHOICES = {
+    "model.likelihood": ("mse", "nb"),
+    "data.neighbor_weighting": ("uniform", "distance"),
+    "data.hvg_flavor": ("seurat", "seurat_v3", "cell_ranger"),
+    "loss.group_by": ("anchor", "majority"),
+    "optimizer.name": ("lars", "adam"),
+    "data.source": ("synthetic", "h5ad"),
+}
+MINIMA = {"data.batch_size": 1, "data.n_views": 2, "data.n_neighbors": 1, "model.n_prototypes": 2}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail on a mistyped setting at once, not after minutes of preprocessing."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ScProtoInputError(
+                f"`{key}={value}` is not valid; choose one of {', '.join(allowed)}."
+            )
+    for key, minimum in MINIMA.items():
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or value < minimum:
+            raise ScProtoInputError(
+                f"`{key}={value}` is not valid; it must be an integer ≥ {minimum}."
+            )
 
 
 def load_data(data_cfg: DictConfig) -> ad.AnnData:
@@ -43,6 +73,8 @@ def build_datamodule(cfg: DictConfig, adata: ad.AnnData) -> ScProtoDataModule:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for key in ("source", "path", "synthetic"):
         data.pop(key, None)
+    if data["query_studies"] is None:  # the synthetic generator marks its own query studies
+        data["query_studies"] = list(adata.uns.get("query_studies", []))
     return ScProtoDataModule(
         adata, likelihood=cfg.model.likelihood, cache_dir=cfg.paths.cache_dir, seed=cfg.seed, **data
     )
@@ -77,13 +109,44 @@ def refuse_overwrite(run_dir: Path, overwrite: bool) -> None:
             f"{run_dir} already holds the outputs of a run ({', '.join(existing)}). Choose another "
             "hydra.run.dir, or pass overwrite=true to replace them."
         )
+    if existing:  # asked to: start clean, so no file of the old run survives beside the new
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for name in OUTPUT_NAMES:
+            (run_dir / name).unlink(missing_ok=True)
+
+
+class RefuseOverwrite(Callback):
+    """Hydra callback: refuse a run directory holding outputs before Hydra writes its
+    `.hydra/` record into it (that happens before the task function runs)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("overwrite", False):
+            return  # train() clears the old outputs
+        try:
+            refuse_overwrite(Path(config.hydra.run.dir), overwrite=False)
+        except ScProtoInputError as error:
+            exit_with_message(error)
+
+
+def exit_with_message(error: ScProtoInputError) -> None:
+    log.error("%s", error)
+    print(f"\nscproto: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def unique_obs_columns(obs: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
+    """Keep input columns that clash with the ones a run writes, renamed `<name>_input`."""
+    clashes = [name for name in names if name in obs]
+    if clashes:
+        log.warning("input obs columns %s are kept as %s", clashes, [f"{c}_input" for c in clashes])
+    return obs.rename(columns={name: f"{name}_input" for name in clashes})
 
 
 def write_outputs(model: ScProto, datamodule: ScProtoDataModule, run_dir: Path) -> ad.AnnData:
     """embedding.h5ad (every cell, input obs kept) and prototypes.npy."""
     latent = model.latent_of(datamodule.x, datamodule.study_codes)
     prototype, similarity = model.prototype_similarity(latent)
-    obs = datamodule.adata.obs.copy()
+    obs = unique_obs_columns(datamodule.adata.obs, ("split", "prototype", "prototype_similarity"))
     obs["split"] = pd.Categorical(
         np.where(datamodule.is_reference, "reference", "query"), categories=["reference", "query"]
     )
@@ -107,6 +170,7 @@ def write_outputs(model: ScProto, datamodule: ScProtoDataModule, run_dir: Path) 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit scProto as configured; returns (metrics, objects) and writes the run directory."""
+    validate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     refuse_overwrite(run_dir, cfg.get("overwrite", False))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,8 +185,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     train_seconds = time.perf_counter() - start
-    if trainer.fast_dev_run or not (run_dir / "checkpoints/last.ckpt").exists():
-        trainer.save_checkpoint(run_dir / "checkpoints/last.ckpt")
+    # The final state, whatever the checkpoint callback did (fast_dev_run disables it).
+    trainer.save_checkpoint(run_dir / "checkpoints/last.ckpt")
 
     model = ScProto(module)
     embedding = write_outputs(model, datamodule, run_dir)
@@ -143,9 +207,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
     except ScProtoInputError as error:
-        log.error("%s", error)
-        print(f"\nscproto: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_message(error)
     return metrics.get("train/loss")
 
 

@@ -21,7 +21,6 @@ FAST = [
     "trainer.enable_model_summary=false",
     "trainer.enable_progress_bar=false",
     "~logger",
-    "~callbacks.progress_bar",
 ]
 
 

@@ -1,5 +1,7 @@
 """End to end: composed configs → train(cfg) → the run's outputs → the reloaded model."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -10,6 +12,8 @@ import scanpy as sc
 from scproto import ScProto, ScProtoInputError
 from scproto.train import CONFIG_DIR, train
 from tests.conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -94,11 +98,60 @@ def test_reloaded_model_embeds_shuffled_genes_identically(make_config, tmp_path,
     )
 
 
-def test_existing_outputs_are_not_overwritten(make_config, tmp_path):
+def test_existing_outputs_are_not_overwritten_unless_asked(make_config, tmp_path, small_adata):
+    run = tmp_path / "run"
     train(make_config())
     with pytest.raises(ScProtoInputError, match="already holds the outputs"):
         train(make_config())
-    train(make_config("overwrite=true"))
+    train(make_config("overwrite=true", "seed=3"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    model = ScProto.load(run / "checkpoints" / "last.ckpt")
+    written = ad.read_h5ad(run / "embedding.h5ad")
+    np.testing.assert_array_equal(model.get_latent(small_adata), written.obsm["X_scproto"])
+
+
+def test_command_line_refuses_before_touching_the_run_directory(make_config, tmp_path):
+    run = tmp_path / "run"
+    train(make_config())
+    record = run / ".hydra" / "config.yaml"
+    record.parent.mkdir()
+    record.write_text("the first run's record")
+    result = subprocess.run(
+        [sys.executable, "train.py", "debug=default", f"hydra.run.dir={run}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "already holds the outputs" in result.stderr and "Traceback" not in result.stderr
+    assert record.read_text() == "the first run's record"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.likelihood=zinb", "model.likelihood=zinb"),
+        ("data.neighbor_weighting=distanse", "data.neighbor_weighting=distanse"),
+        ("data.batch_size=0", "data.batch_size=0"),
+        ("optimizer.name=sgd", "optimizer.name=sgd"),
+    ],
+)
+def test_mistyped_settings_fail_before_the_data_is_read(make_config, override, message):
+    with pytest.raises(ScProtoInputError, match=message):
+        train(make_config(override))
+
+
+def test_lightning_sets_the_sampler_epoch(make_config, monkeypatch):
+    from scproto.data.views import ViewBatchSampler
+
+    epochs = []
+    original = ViewBatchSampler.set_epoch
+    monkeypatch.setattr(
+        ViewBatchSampler, "set_epoch", lambda self, e: (epochs.append(e), original(self, e))
+    )
+    train(make_config("trainer.max_epochs=3", "+trainer.reload_dataloaders_every_n_epochs=1"))
+    assert sorted(set(epochs)) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

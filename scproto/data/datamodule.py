@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import scipy.sparse as sp
 from torch.utils.data import DataLoader
@@ -72,6 +73,8 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.adata = adata
         self.batch_key, self.label_key = batch_key, label_key
         self.counts_layer = counts_layer
+        if isinstance(query_studies, str):  # data.query_studies=Freytag, not a list of letters
+            query_studies = [query_studies]
         self.query_studies = [str(s) for s in query_studies]
         self.n_top_genes, self.hvg_flavor, self.target_sum = n_top_genes, hvg_flavor, target_sum
         self.n_pcs, self.n_neighbors = n_pcs, n_neighbors
@@ -112,7 +115,8 @@ class ScProtoDataModule(pl.LightningDataModule):
         is_counts = looks_like_counts(adata.X)
         with timed("log-normalise", self.timings):
             full = log_normalized(adata.X, is_counts=is_counts, target_sum=self.target_sum)
-        raw_counts = self._raw_counts(is_counts)
+        needs_counts = self.likelihood == "nb" or self.hvg_flavor == "seurat_v3"
+        raw_counts = self._raw_counts(is_counts) if needs_counts else None
         with timed("highly variable genes", self.timings):
             genes = highly_variable_genes(
                 full[reference],
@@ -139,6 +143,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.study_codes = self.study_codes.to_numpy().astype(np.int64)
         self.train_index = np.flatnonzero(reference)
         self.neighbors, self.distances = self._neighbor_graph(self.x[self.train_index])
+        self._warn_small_study_groups()
         self._prepared = True
         log.info(
             "data ready: %d reference cells (%d studies), %d query cells, %d genes; setup %.1f s",
@@ -148,6 +153,22 @@ class ScProtoDataModule(pl.LightningDataModule):
             len(genes),
             sum(self.timings.values()),
         )
+
+    def _warn_small_study_groups(self, min_group_size: int = 16) -> None:
+        """Studies whose expected anchors per minibatch fall below the SwAV group minimum."""
+        sizes = pd.Series(self.study_codes[self.train_index]).value_counts()
+        batch = min(self.batch_size, len(self.train_index))
+        expected = sizes * batch / len(self.train_index)
+        small = [self.studies[code] for code, n in expected.items() if n < min_group_size]
+        if small:
+            log.warning(
+                "studies %s expect fewer than %d anchors per minibatch of %d; their cells are "
+                "pooled into one remainder group for the SwAV and propagation terms. A larger "
+                "data.batch_size keeps them separate.",
+                small,
+                min_group_size,
+                batch,
+            )
 
     def _raw_counts(self, x_is_counts: bool) -> sp.csr_matrix | None:
         if self.counts_layer is not None:

@@ -1,5 +1,6 @@
 """Reading AnnData and checking it at the boundary, with messages that say what to do."""
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,23 +40,30 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
         ) from error
 
 
-def _require_obs_key(adata: ad.AnnData, key: str, role: str) -> None:
+def _require_obs_key(adata: ad.AnnData, key: str, role: str, allow_missing: bool = False) -> None:
     if key not in adata.obs:
         available = ", ".join(map(repr, adata.obs.columns[:20])) or "none"
         raise ScProtoInputError(
             f"obs key {key!r} ({role}) is not in the data. Available obs columns: {available}. "
             f"Set `data.{role}` to one of them."
         )
-    if adata.obs[key].isna().any():
+    n_missing = int(adata.obs[key].isna().sum())
+    if n_missing and allow_missing:
+        warnings.warn(f"obs[{key!r}] ({role}) is missing for {n_missing} cells.", stacklevel=3)
+    elif n_missing:
         raise ScProtoInputError(
-            f"obs[{key!r}] ({role}) has {int(adata.obs[key].isna().sum())} missing values; "
-            "fill or drop those cells first."
+            f"obs[{key!r}] ({role}) has {n_missing} missing values; fill or drop those cells first."
         )
 
 
 def matrix_values(matrix) -> np.ndarray:
     """The stored values of a dense or sparse matrix (no densification)."""
     return matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
+
+
+def is_whole(values: np.ndarray) -> bool:
+    """Whole numbers up to float32 rounding (counts that went through a float pipeline)."""
+    return bool(np.allclose(values, np.round(values), rtol=0, atol=1e-3))
 
 
 def check_expression(matrix, *, where: str, expect_counts: bool) -> None:
@@ -72,10 +80,21 @@ def check_expression(matrix, *, where: str, expect_counts: bool) -> None:
             "expected raw counts or log-normalised expression. Scaled or centred data (e.g. after "
             "sc.pp.scale) cannot be used: pass the counts, or the log-normalised matrix."
         )
-    if expect_counts and not np.allclose(values, np.round(values)):
+    if expect_counts and not is_whole(values):
         raise ScProtoInputError(
             f"{where} was given as counts but holds non-integer values (e.g. {values[values != np.round(values)][0]:.4g}). "
             "Point `data.counts_layer` at the raw counts, or set it to null to use the log data in X."
+        )
+
+
+def check_gene_names(var_names) -> None:
+    """Genes are matched by name, so names must be unique."""
+    names = pd.Index(var_names)
+    duplicated = names[names.duplicated()].unique()
+    if len(duplicated):
+        raise ScProtoInputError(
+            f"{len(duplicated)} gene names occur more than once (e.g. {', '.join(map(str, duplicated[:5]))}). "
+            "Genes are matched by name: make them unique first, e.g. adata.var_names_make_unique()."
         )
 
 
@@ -92,15 +111,10 @@ def validate_anndata(
     """Every check a user can fail before any computation starts."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ScProtoInputError(f"The data is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
-    duplicated = pd.Index(adata.var_names)[pd.Index(adata.var_names).duplicated()].unique()
-    if len(duplicated):
-        raise ScProtoInputError(
-            f"{len(duplicated)} gene names occur more than once (e.g. {', '.join(map(str, duplicated[:5]))}). "
-            "Genes are matched by name: make them unique first, e.g. adata.var_names_make_unique()."
-        )
+    check_gene_names(adata.var_names)
     _require_obs_key(adata, batch_key, "batch_key")
     if label_key is not None:
-        _require_obs_key(adata, label_key, "label_key")
+        _require_obs_key(adata, label_key, "label_key", allow_missing=True)  # evaluation only
     if counts_layer is not None and counts_layer not in adata.layers:
         raise ScProtoInputError(
             f"layers[{counts_layer!r}] (data.counts_layer) is not in the data; layers present: "

@@ -3,11 +3,14 @@
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import faiss
 import numpy as np
 import scipy.sparse as sp
+
+from scproto.errors import ScProtoInputError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def knn_graph(
     index = build_index(coordinates, approximate=approximate, seed=seed, nprobe=nprobe)
     distances, neighbors = index.search(coordinates, n_neighbors + 1)
     if (neighbors < 0).any():
-        raise RuntimeError(
+        raise ScProtoInputError(
             "The approximate kNN index returned fewer than k neighbours for some cells; "
             "raise `data.knn.nprobe` or use the exact index (`data.knn.approximate_above=null`)."
         )
@@ -78,9 +81,14 @@ def load_cached(cache_dir: Path | None, key: str) -> tuple[np.ndarray, np.ndarra
     path = Path(cache_dir) / f"knn-{key}.npz"
     if not path.is_file():
         return None
-    with np.load(path) as cached:
-        log.info("kNN graph loaded from cache %s", path)
-        return cached["neighbors"], cached["distances"]
+    try:
+        with np.load(path) as cached:
+            graph = cached["neighbors"], cached["distances"]
+    except Exception as error:  # a truncated or foreign file: rebuild the graph
+        log.warning("ignoring unreadable kNN cache %s (%s)", path, error)
+        return None
+    log.info("kNN graph loaded from cache %s", path)
+    return graph
 
 
 def save_cached(
@@ -90,6 +98,7 @@ def save_cached(
         return
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = cache_dir / f".knn-{key}.tmp.npz"
-    np.savez(temporary, neighbors=neighbors, distances=distances)
-    temporary.replace(cache_dir / f"knn-{key}.npz")  # atomic: concurrent sweep jobs share it
+    # Write to a private file, then rename: atomic, so concurrent sweep jobs can share the cache.
+    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as temporary:
+        np.savez(temporary, neighbors=neighbors, distances=distances)
+    Path(temporary.name).replace(cache_dir / f"knn-{key}.npz")

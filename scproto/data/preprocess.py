@@ -14,7 +14,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from scproto.data.io import matrix_values
+from scproto.data.io import is_whole, matrix_values
 from scproto.errors import ScProtoInputError
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,14 @@ class InputSpec:
         return cls(**{**data, "genes": tuple(data["genes"])})
 
 
-def looks_like_counts(matrix, n_sample: int = 200_000) -> bool:
-    """True when the stored values are whole numbers (raw counts), False for log data."""
-    values = matrix_values(matrix)[:n_sample]
-    return values.size > 0 and bool(np.all(values == np.round(values)))
+def looks_like_counts(matrix, n_rows: int = 2_000) -> bool:
+    """True when the stored values are whole numbers (raw counts), False for log data.
+
+    Looks at rows spread over the whole matrix: atlases are concatenations of studies.
+    """
+    rows = np.unique(np.linspace(0, matrix.shape[0] - 1, min(n_rows, matrix.shape[0])).astype(int))
+    values = matrix_values(matrix[rows])
+    return values.size > 0 and is_whole(values)
 
 
 def as_csr32(matrix) -> sp.csr_matrix:

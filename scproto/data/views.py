@@ -46,8 +46,11 @@ def sample_views(
 class ViewBatchSampler(Sampler[np.ndarray]):
     """Yields the view-major cell indices of each minibatch, reshuffled every epoch.
 
-    Each epoch every training cell is an anchor once; the random stream depends only on
-    (seed, epoch), so runs repeat exactly whatever the number of loader workers.
+    Each epoch every training cell is an anchor at most once; the last partial minibatch is
+    dropped (as in SwAV: under LARS a few anchors would make a full-size step) unless it is
+    the only one. The random stream depends only on (seed, epoch), so runs repeat exactly
+    whatever the number of loader workers; Lightning sets the epoch through ``set_epoch``
+    (also when dataloaders are reloaded or a run resumes).
     """
 
     def __init__(
@@ -66,15 +69,23 @@ class ViewBatchSampler(Sampler[np.ndarray]):
         self.probabilities = probabilities
         self.epoch = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def sampler(self) -> "ViewBatchSampler":
+        """Lightning calls ``set_epoch`` on ``batch_sampler.sampler``: this one is its own."""
+        return self
+
     def __len__(self) -> int:
-        return -(-len(self.neighbors) // self.batch_size)
+        return max(1, len(self.neighbors) // self.batch_size)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1
+        self.epoch += 1  # for use outside Lightning; Lightning calls set_epoch
         order = rng.permutation(len(self.neighbors))
-        for start in range(0, len(order), self.batch_size):
-            anchors = order[start : start + self.batch_size]
+        for batch in range(len(self)):
+            anchors = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             views = sample_views(anchors, self.neighbors, self.n_views, rng, self.probabilities)
             yield views.reshape(-1)
 

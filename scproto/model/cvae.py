@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scproto.errors import ScProtoInputError
 from scproto.model.losses import kl_divergence, mse_reconstruction, negative_binomial_nll
 
 Likelihood = Literal["mse", "nb"]
@@ -52,7 +53,7 @@ class ConditionalVAE(nn.Module):
     ) -> None:
         super().__init__()
         if likelihood not in ("mse", "nb"):
-            raise ValueError(f"likelihood must be 'mse' or 'nb', got {likelihood!r}")
+            raise ScProtoInputError(f"model.likelihood must be 'mse' or 'nb', got {likelihood!r}")
         hidden_dim = hidden_dim or math.ceil(math.sqrt(n_genes))
         self.likelihood = likelihood
         self.study_embedding = nn.Embedding(n_studies, embedding_dim, max_norm=1.0)

@@ -79,13 +79,17 @@ def negative_binomial_nll(
 
 
 def group_rows(groups: torch.Tensor, min_group_size: int) -> list[torch.Tensor]:
-    """Anchor indices of each group (study) with at least ``min_group_size`` anchors.
+    """Anchor indices of each group (study) in the minibatch.
 
     Sinkhorn on a handful of cells spreads each over many prototypes, which is noise, so
-    smaller groups are left out; if every group is that small, the minibatch is one group.
+    groups under ``min_group_size`` anchors are pooled into one remainder group, kept if
+    it reaches the minimum; with no group left, the minibatch is one group.
     """
     members = [torch.nonzero(groups == g).squeeze(1) for g in torch.unique(groups)]
     kept = [m for m in members if m.numel() >= min_group_size]
+    small = [m for m in members if m.numel() < min_group_size]
+    if small and sum(m.numel() for m in small) >= min_group_size:
+        kept.append(torch.cat(small))
     return kept or [torch.arange(groups.numel(), device=groups.device)]
 
 

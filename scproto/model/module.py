@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scproto.errors import ScProtoInputError
 from scproto.model.cvae import ConditionalVAE
 from scproto.model.losses import batch_swav_losses
 from scproto.model.optim import build_optimizer, warmup_cosine
-from scproto.model.sinkhorn import sinkhorn
 
 
 class ScProtoModule(pl.LightningModule):
@@ -49,7 +49,7 @@ class ScProtoModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if group_by not in ("anchor", "majority"):
-            raise ValueError(f"group_by must be 'anchor' or 'majority', got {group_by!r}")
+            raise ScProtoInputError(f"group_by must be 'anchor' or 'majority', got {group_by!r}")
         self.save_hyperparameters(ignore=["registry"])
         self.registry = registry or {}
         self.cvae = ConditionalVAE(
@@ -103,12 +103,14 @@ class ScProtoModule(pl.LightningModule):
 
     @torch.no_grad()
     def _assignment_diagnostics(self, anchor_scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        """SwAV collapse checks: prototypes in use and entropy of the mean assignment."""
-        q = sinkhorn(anchor_scores, self.hparams.epsilon, self.hparams.sinkhorn_iters)
-        mean_q = q.mean(dim=0)
-        entropy = -(mean_q * mean_q.clamp_min(1e-12).log()).sum()
-        in_use = anchor_scores.argmax(dim=1).unique().numel()
-        return {"prototypes_in_use": torch.tensor(float(in_use)), "assignment_entropy": entropy}
+        """SwAV collapse checks on the anchors' nearest prototypes (not on Sinkhorn's Q,
+        which is balanced by construction): prototypes in use and the entropy of their
+        histogram, ln K when every prototype is used equally, 0 when one takes all."""
+        nearest = anchor_scores.argmax(dim=1)
+        share = torch.bincount(nearest, minlength=anchor_scores.shape[1]).float() / nearest.numel()
+        entropy = -(share * share.clamp_min(1e-12).log()).sum()
+        in_use = (share > 0).sum().float()
+        return {"prototypes_in_use": in_use, "assignment_entropy": entropy}
 
     # ---------------------------------------------------------------- Lightning hooks
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -147,7 +149,7 @@ class ScProtoModule(pl.LightningModule):
         if schedule == "constant":
             return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        steps_per_epoch = max(1, int(self.trainer.num_training_batches))
         warmup_steps = min(total_steps, warmup_epochs * steps_per_epoch)
 
         def multiplier(step: int) -> float:

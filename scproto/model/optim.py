@@ -5,6 +5,8 @@ from collections.abc import Iterable
 
 import torch
 
+from scproto.errors import ScProtoInputError
+
 
 class LARS(torch.optim.SGD):
     """SGD whose per-tensor step is scaled by a layer-wise trust ratio (You et al. 2017).
@@ -69,4 +71,4 @@ def build_optimizer(params, name: str, lr: float, **kwargs) -> torch.optim.Optim
         return LARS(params, lr=lr, **kwargs)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, **kwargs)
-    raise ValueError(f"optimizer name must be 'lars' or 'adam', got {name!r}")
+    raise ScProtoInputError(f"optimizer.name must be 'lars' or 'adam', got {name!r}")

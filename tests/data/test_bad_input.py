@@ -115,6 +115,17 @@ def test_nb_without_counts(adata):
         datamodule(adata, likelihood="nb")
 
 
+def test_query_studies_as_a_bare_string(adata):
+    assert datamodule(adata, query_studies="study_3").query_studies == ["study_3"]
+
+
+def test_missing_labels_only_warn(adata):
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
+    adata.obs.iloc[:3, adata.obs.columns.get_loc("cell_type")] = None
+    with pytest.warns(UserWarning, match="missing for 3 cells"):
+        datamodule(adata, label_key="cell_type")
+
+
 def test_command_line_exits_non_zero_with_a_message_not_a_traceback(tmp_path):
     missing = tmp_path / "missing.h5ad"
     result = subprocess.run(

@@ -45,15 +45,32 @@ def test_distance_weighting_with_only_duplicates_falls_back_to_uniform():
     np.testing.assert_allclose(probabilities, 0.25)
 
 
-def test_each_epoch_uses_every_cell_once_as_anchor_and_reshuffles():
+def test_each_epoch_uses_cells_at_most_once_as_anchor_and_reshuffles():
     neighbors, _ = graph(n=103)
     sampler = ViewBatchSampler(neighbors, batch_size=20, n_views=3, seed=7)
     epochs = [list(sampler) for _ in range(2)]
-    assert len(sampler) == len(epochs[0]) == 6
+    assert len(sampler) == len(epochs[0]) == 5  # the partial sixth minibatch is dropped
     for batches in epochs:
         anchors = np.concatenate([b.reshape(3, -1)[0] for b in batches])
-        np.testing.assert_array_equal(np.sort(anchors), np.arange(103))
+        assert len(np.unique(anchors)) == len(anchors) == 100
     assert not np.array_equal(epochs[0][0], epochs[1][0])
+
+
+def test_a_single_partial_minibatch_is_kept():
+    neighbors, _ = graph(n=30)
+    batches = list(ViewBatchSampler(neighbors, batch_size=64, n_views=2, seed=0))
+    assert len(batches) == 1 and batches[0].size == 60
+
+
+def test_set_epoch_fixes_the_stream_of_an_epoch():
+    neighbors, _ = graph()
+    sampler = ViewBatchSampler(neighbors, batch_size=32, n_views=4, seed=1)
+    first_epoch_two = (sampler.set_epoch(2), list(sampler))[1]
+    sampler.set_epoch(2)
+    for a, b in zip(first_epoch_two, list(sampler), strict=True):
+        np.testing.assert_array_equal(a, b)
+    sampler.set_epoch(3)
+    assert not np.array_equal(first_epoch_two[0], next(iter(sampler)))
 
 
 def test_sampler_repeats_with_the_same_seed():

@@ -23,7 +23,7 @@ def test_swapped_prediction_on_a_hand_made_case():
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
 
 
-def test_swapped_prediction_with_soft_codes_and_disagreeing_views():
+def test_swapped_prediction_with_disagreeing_views():
     view0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     view1 = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # predicts the opposite prototype
     loss = swapped_prediction_loss(torch.stack([view0, view1]), temperature=1.0, hard=True)
@@ -39,6 +39,20 @@ def test_swapped_prediction_averages_over_all_other_views():
     q = hard_assignments(sinkhorn(scores[0]))
     manual = [-(q * torch.log_softmax(scores[v] / 0.05, dim=-1)).sum(1).mean() for v in (1, 2, 3)]
     torch.testing.assert_close(loss, torch.stack(manual).mean())
+
+
+def test_soft_codes_weight_the_cross_entropy_by_q():
+    from scproto.model.sinkhorn import sinkhorn
+
+    torch.manual_seed(2)
+    scores = torch.nn.functional.normalize(torch.randn(2, 12, 4), dim=-1)
+    loss = swapped_prediction_loss(scores, hard=False, epsilon=0.1)
+    terms = []
+    for a, v in ((0, 1), (1, 0)):
+        q = sinkhorn(scores[a], 0.1)
+        terms.append(-(q * torch.log_softmax(scores[v] / 0.05, dim=-1)).sum(1).mean())
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    assert not torch.isclose(loss, swapped_prediction_loss(scores, hard=True, epsilon=0.1))
 
 
 def test_propagation_is_the_worst_covered_row():
@@ -80,10 +94,12 @@ def test_negative_binomial_matches_torch_distribution():
     )
 
 
-def test_small_groups_are_left_out_and_all_small_means_one_group():
+def test_small_groups_are_pooled_and_all_small_means_one_group():
     groups = torch.tensor([0, 0, 0, 1, 2, 2, 2])
     kept = group_rows(groups, min_group_size=3)
-    assert [g.tolist() for g in kept] == [[0, 1, 2], [4, 5, 6]]
+    assert [g.tolist() for g in kept] == [[0, 1, 2], [4, 5, 6]]  # the lone cell of 1 is dropped
+    pooled = group_rows(torch.tensor([0, 0, 1, 1, 2, 2, 2]), min_group_size=3)
+    assert [g.tolist() for g in pooled] == [[4, 5, 6], [0, 1, 2, 3]]
     assert [g.tolist() for g in group_rows(groups, min_group_size=10)] == [list(range(7))]
 
 

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from torch.utils.data import DataLoader
 
 from scproto.data import knn
-from scproto.data.io import validate_anndata
+from scproto.data.io import matrix_values, validate_anndata
 from scproto.data.preprocess import (
     InputSpec,
     as_csr32,
@@ -113,6 +113,12 @@ class ScProtoDataModule(pl.LightningDataModule):
             return
         adata, reference = self.adata, self.is_reference
         is_counts = looks_like_counts(adata.X)
+        if not is_counts and matrix_values(adata.X).max(initial=0) > 30:
+            log.warning(
+                "X is treated as log-normalised but reaches %.0f; log1p(10^4-normalised) data "
+                "rarely exceeds ~10. If X is normalised but not logged, pass raw counts instead.",
+                matrix_values(adata.X).max(),
+            )
         with timed("log-normalise", self.timings):
             full = log_normalized(adata.X, is_counts=is_counts, target_sum=self.target_sum)
         needs_counts = self.likelihood == "nb" or self.hvg_flavor == "seurat_v3"

@@ -134,24 +134,35 @@ def exit_with_message(error: ScProtoInputError) -> None:
     sys.exit(2)
 
 
-def unique_obs_columns(obs: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
-    """Keep input columns that clash with the ones a run writes, renamed `<name>_input`."""
-    clashes = [name for name in names if name in obs]
-    if clashes:
-        log.warning("input obs columns %s are kept as %s", clashes, [f"{c}_input" for c in clashes])
-    return obs.rename(columns={name: f"{name}_input" for name in clashes})
+def unique_obs_columns(obs: pd.DataFrame, written: dict[str, Any]) -> pd.DataFrame:
+    """``obs`` plus the run's columns; an input column of the same name holding other values
+    is kept, renamed ``<name>_input``."""
+    obs = obs.copy()
+    for name, values in written.items():
+        if name in obs and not np.array_equal(
+            obs[name].astype(str), np.asarray(values).astype(str)
+        ):
+            log.warning(
+                "input obs column %r differs from the run's and is kept as %r",
+                name,
+                f"{name}_input",
+            )
+            obs[f"{name}_input"] = obs.pop(name)
+        obs[name] = values
+    return obs
 
 
 def write_outputs(model: ScProto, datamodule: ScProtoDataModule, run_dir: Path) -> ad.AnnData:
     """embedding.h5ad (every cell, input obs kept) and prototypes.npy."""
     latent = model.latent_of(datamodule.x, datamodule.study_codes)
     prototype, similarity = model.prototype_similarity(latent)
-    obs = unique_obs_columns(datamodule.adata.obs, ("split", "prototype", "prototype_similarity"))
-    obs["split"] = pd.Categorical(
+    split = pd.Categorical(
         np.where(datamodule.is_reference, "reference", "query"), categories=["reference", "query"]
     )
-    obs["prototype"] = prototype
-    obs["prototype_similarity"] = similarity
+    obs = unique_obs_columns(
+        datamodule.adata.obs,
+        {"split": split, "prototype": prototype, "prototype_similarity": similarity},
+    )
     embedding = ad.AnnData(obs=obs)
     embedding.obsm["X_scproto"] = latent
     embedding.obsm["X_scproto_unit"] = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(

@@ -33,7 +33,8 @@ def small_adata() -> ad.AnnData:
 def compose_config(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
     """The training config as `python train.py` would compose it, shrunk to run in seconds."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        shrink = [] if any(o.startswith("experiment=") for o in overrides) else SMALL_SYNTHETIC
+        on_files = any(o.startswith(("experiment=", "data=")) for o in overrides)
+        shrink = [] if on_files else SMALL_SYNTHETIC
         cfg = compose(config_name="train", overrides=[*shrink, *FAST, *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)

@@ -61,6 +61,20 @@ def test_run_writes_the_three_outputs(make_config, tmp_path):
         assert f"train/loss_{term}" in metrics
 
 
+def test_input_obs_columns_that_clash_are_kept(make_config, tmp_path, small_adata):
+    path = tmp_path / "data.h5ad"
+    adata = small_adata.copy()
+    adata.obs["prototype"] = "from the user"
+    adata.write_h5ad(path)
+    _, objects = train(
+        make_config("data=h5ad", f"data.path={path}", "data.query_studies=[study_3]")
+    )
+    obs = objects["embedding"].obs
+    assert (obs["prototype_input"] == "from the user").all()
+    assert obs["prototype"].dtype.kind == "i"
+    assert "split_input" not in obs  # same values as the run's split: nothing to keep
+
+
 def test_same_seed_gives_the_identical_embedding(make_config, tmp_path):
     first = train(make_config(run_dir=tmp_path / "a"))[1]["embedding"]
     second = train(make_config(run_dir=tmp_path / "b"))[1]["embedding"]

@@ -182,3 +182,20 @@ def test_every_experiment_composes_and_runs_fast_dev_run(
     assert np.isfinite(metrics["train/loss"])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert objects["embedding"].obs["split"].eq("query").sum() > 0
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "adam"])
+def test_frozen_prototypes_stay_put_during_training(make_config, monkeypatch, optimizer, tmp_path):
+    import torch.nn.functional as F
+
+    from scproto.model.module import ScProtoModule
+
+    def record_start(self):
+        self.start_prototypes = F.normalize(self.prototypes.detach().clone(), dim=1).numpy()
+
+    monkeypatch.setattr(ScProtoModule, "on_train_start", record_start, raising=False)
+    frozen = train(make_config("model.freeze_prototypes_iters=1000", f"optimizer={optimizer}"))[1]
+    model = frozen["model"]
+    np.testing.assert_allclose(model.get_prototypes(), model.module.start_prototypes, atol=1e-6)
+    moving = train(make_config(f"optimizer={optimizer}", run_dir=tmp_path / "moving"))[1]["model"]
+    assert not np.allclose(moving.get_prototypes(), moving.module.start_prototypes, atol=1e-4)

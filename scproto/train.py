@@ -58,15 +58,17 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def load_data(data_cfg: DictConfig) -> ad.AnnData:
+    """The embedded synthetic data, or the .h5ad file at ``data.path``."""
     if data_cfg.source == "synthetic":
-        return make_synthetic(**data_cfg.synthetic)
-    if data_cfg.source == "h5ad":
-        if not data_cfg.path:
-            raise ScProtoInputError(
-                "`data.path` is not set: give the .h5ad file, e.g. data.path=/data/atlas.h5ad."
-            )
-        return read_h5ad(data_cfg.path)
-    raise ScProtoInputError(f"data.source must be 'synthetic' or 'h5ad', got {data_cfg.source!r}.")
+        try:
+            return make_synthetic(**data_cfg.synthetic)
+        except TypeError as error:  # an unknown data.synthetic.* key
+            raise ScProtoInputError(f"data.synthetic: {error}.") from error
+    if not data_cfg.path:
+        raise ScProtoInputError(
+            "`data.path` is not set: give the .h5ad file, e.g. data.path=/data/atlas.h5ad."
+        )
+    return read_h5ad(data_cfg.path)
 
 
 def build_datamodule(cfg: DictConfig, adata: ad.AnnData) -> ScProtoDataModule:
@@ -102,7 +104,8 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def refuse_overwrite(run_dir: Path, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a directory holding a run's outputs, or clear them when ``overwrite``."""
     existing = [name for name in OUTPUT_NAMES if (run_dir / name).exists()]
     if existing and not overwrite:
         raise ScProtoInputError(
@@ -123,7 +126,7 @@ class RefuseOverwrite(Callback):
         if config.get("overwrite", False):
             return  # train() clears the old outputs
         try:
-            refuse_overwrite(Path(config.hydra.run.dir), overwrite=False)
+            prepare_run_dir(Path(config.hydra.run.dir), overwrite=False)
         except ScProtoInputError as error:
             exit_with_message(error)
 
@@ -183,7 +186,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit scProto as configured; returns (metrics, objects) and writes the run directory."""
     validate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    refuse_overwrite(run_dir, cfg.get("overwrite", False))
+    prepare_run_dir(run_dir, cfg.get("overwrite", False))
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 

@@ -78,7 +78,12 @@ def build_datamodule(cfg: DictConfig, adata: ad.AnnData) -> ScProtoDataModule:
     if data["query_studies"] is None:  # the synthetic generator marks its own query studies
         data["query_studies"] = list(adata.uns.get("query_studies", []))
     return ScProtoDataModule(
-        adata, likelihood=cfg.model.likelihood, cache_dir=cfg.paths.cache_dir, seed=cfg.seed, **data
+        adata,
+        likelihood=cfg.model.likelihood,
+        min_group_size=cfg.loss.min_group_size,
+        cache_dir=cfg.paths.cache_dir,
+        seed=cfg.seed,
+        **data,
     )
 
 

@@ -64,6 +64,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         batch_size: int = 1024,
         neighbor_weighting: str = "uniform",
         min_cells_per_study: int = 20,
+        min_group_size: int = 16,
         likelihood: str = "mse",
         num_workers: int = 0,
         cache_dir: str | Path | None = None,
@@ -82,6 +83,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.n_views, self.batch_size = n_views, batch_size
         self.neighbor_weighting = neighbor_weighting
         self.likelihood = likelihood
+        self.min_group_size = min_group_size  # loss.min_group_size, for the warning below
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.seed = seed
@@ -113,11 +115,12 @@ class ScProtoDataModule(pl.LightningDataModule):
             return
         adata, reference = self.adata, self.is_reference
         is_counts = looks_like_counts(adata.X)
-        if not is_counts and matrix_values(adata.X).max(initial=0) > 30:
+        largest = float(matrix_values(adata.X).max(initial=0))
+        if not is_counts and largest > 30:
             log.warning(
                 "X is treated as log-normalised but reaches %.0f; log1p(10^4-normalised) data "
                 "rarely exceeds ~10. If X is normalised but not logged, pass raw counts instead.",
-                matrix_values(adata.X).max(),
+                largest,
             )
         with timed("log-normalise", self.timings):
             full = log_normalized(adata.X, is_counts=is_counts, target_sum=self.target_sum)
@@ -160,8 +163,9 @@ class ScProtoDataModule(pl.LightningDataModule):
             sum(self.timings.values()),
         )
 
-    def _warn_small_study_groups(self, min_group_size: int = 16) -> None:
+    def _warn_small_study_groups(self) -> None:
         """Studies whose expected anchors per minibatch fall below the SwAV group minimum."""
+        min_group_size = self.min_group_size
         sizes = pd.Series(self.study_codes[self.train_index]).value_counts()
         batch = min(self.batch_size, len(self.train_index))
         expected = sizes * batch / len(self.train_index)

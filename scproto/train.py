@@ -137,7 +137,6 @@ class RefuseOverwrite(Callback):
 
 
 def exit_with_message(error: ScProtoInputError) -> None:
-    log.error("%s", error)
     print(f"\nscproto: error: {error}", file=sys.stderr)
     sys.exit(2)
 

@@ -26,7 +26,7 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
         if path.name in KNOWN_DOWNLOADS:
             hint = (
                 f" This is a scIB benchmark file: download it from {KNOWN_DOWNLOADS[path.name]} "
-                f"and save it as {path}, or point `data.data_dir` (or `data.path`) at its folder."
+                f"and save it as {path}, or set `paths.data_dir` to its folder (or `data.path` to the file)."
             )
         raise ScProtoInputError(
             f"Data file not found: {path.resolve()}. Check `data.path` (relative paths are "

@@ -1,10 +1,12 @@
 """The user-facing model object: load a trained scProto model and apply it to AnnData."""
 
+import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytorch_lightning as pl
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from scproto.data.io import check_expression, check_gene_names
 from scproto.data.preprocess import (
     InputSpec,
+    as_csr32,
     log_normalized,
     looks_like_counts,
     select_genes,
@@ -19,6 +22,7 @@ from scproto.data.preprocess import (
 )
 from scproto.errors import ScProtoInputError
 from scproto.model.module import ScProtoModule
+from scproto.query import expand_studies, train_new_rows
 
 
 class ScProto:
@@ -31,8 +35,10 @@ class ScProto:
 
     def __init__(self, module: ScProtoModule) -> None:
         self.module = module.eval()
+        self.module.cvae.settle_study_embedding()  # lookups must not change the weights
         self.registry = module.registry
         self.spec = InputSpec.from_dict(self.registry["input_spec"])
+        self.mapping_losses: list[float] = []  # CVAE loss per epoch of the last map_query
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> "ScProto":
@@ -81,6 +87,78 @@ class ScProto:
             matrix, is_counts=self.spec.is_counts, target_sum=self.spec.target_sum
         )
         return select_genes(full, adata.var_names, self.spec.genes)
+
+    def counts_input(self, adata: ad.AnnData) -> sp.csr_matrix | None:
+        """Raw counts of the model genes (for the NB likelihood), or None for MSE models."""
+        if self.module.cvae.likelihood != "nb":
+            return None
+        source = self.spec.counts_layer or self.spec.source
+        return select_genes(
+            as_csr32(source_matrix(adata, source)), adata.var_names, self.spec.genes
+        )
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> None:
+        """A checkpoint that :meth:`load` reads (the same format Lightning writes)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint = {
+            "state_dict": self.module.state_dict(),
+            "hyper_parameters": dict(self.module.hparams),
+            "pytorch-lightning_version": pl.__version__,
+            "scproto_registry": self.registry,
+        }
+        torch.save(checkpoint, path)
+
+    # ----------------------------------------------------------------- query mapping
+    def map_query(
+        self,
+        adata: ad.AnnData,
+        epochs: int = 20,
+        lr: float = 1e-3,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> "ScProto":
+        """A new model that also knows the studies of ``adata`` the model has not seen.
+
+        scArches surgery: each new study gets its own embedding row; only those rows (and
+        their NB dispersion) train, for ``epochs`` epochs on the new studies' cells; every
+        other parameter stays bit-identical. Genes are matched by name.
+
+        >>> mapped = model.map_query(query_adata, epochs=20)
+        >>> query_adata.obsm["X_scproto"] = mapped.get_latent(query_adata)
+        """
+        key = self.registry["batch_key"]
+        self.study_codes(adata)  # checks the key
+        studies = pd.unique(adata.obs[key].astype(str))
+        new_studies = [s for s in studies if s not in self.studies]
+        if not new_studies:
+            warnings.warn(
+                "every study of the query is known to the model: nothing to map", stacklevel=2
+            )
+            return self
+        mapped = ScProto(expand_studies(self.module, new_studies))
+        codes = mapped.study_codes(adata)
+        query = np.flatnonzero(codes >= len(self.studies))
+        counts = mapped.counts_input(adata)
+        mapped.mapping_losses = train_new_rows(
+            mapped.module,
+            mapped.model_input(adata)[query],
+            codes[query],
+            None if counts is None else counts[query],
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        return mapped
+
+    def get_study_embeddings(self) -> pd.DataFrame:
+        """The study embeddings (studies × embedding_dim), as the model uses them."""
+        cvae = self.module.cvae
+        with torch.no_grad():
+            rows = cvae.study_embedding(torch.arange(len(self.studies), device=self.module.device))
+        return pd.DataFrame(rows.cpu().numpy(), index=self.studies)
 
     # ----------------------------------------------------------------- outputs
     @torch.no_grad()

@@ -161,7 +161,7 @@ def unique_obs_columns(obs: pd.DataFrame, written: dict[str, Any]) -> pd.DataFra
 
 def write_outputs(model: ScProto, datamodule: ScProtoDataModule, run_dir: Path) -> ad.AnnData:
     """embedding.h5ad (every cell, input obs kept) and prototypes.npy."""
-    latent = model.latent_of(datamodule.x, datamodule.study_codes)
+    latent = model.latent_of(datamodule.x, model.study_codes(datamodule.adata))
     prototype, similarity = model.prototype_similarity(latent)
     split = pd.Categorical(
         np.where(datamodule.is_reference, "reference", "query"), categories=["reference", "query"]
@@ -206,7 +206,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # The final state, whatever the checkpoint callback did (fast_dev_run disables it).
     trainer.save_checkpoint(run_dir / "checkpoints/last.ckpt")
 
-    model = ScProto(module)
+    model = reference_model = ScProto(module)
+    if datamodule.query_studies:
+        start = time.perf_counter()
+        model = model.map_query(datamodule.adata, seed=cfg.seed, **cfg.query)
+        model.save(run_dir / "checkpoints/last.ckpt")  # the model that writes the embedding
+        log.info(
+            "query mapping of %s: %d epochs, %.1f s, CVAE loss %s",
+            datamodule.query_studies,
+            cfg.query.epochs,
+            time.perf_counter() - start,
+            f"{model.mapping_losses[0]:.1f} → {model.mapping_losses[-1]:.1f}"
+            if model.mapping_losses
+            else "-",
+        )
     embedding = write_outputs(model, datamodule, run_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["time/train_s"] = train_seconds
@@ -214,6 +227,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("training took %.1f s; outputs in %s", train_seconds, run_dir)
     return metrics, {
         "model": model,
+        "reference_model": reference_model,
         "datamodule": datamodule,
         "trainer": trainer,
         "embedding": embedding,

@@ -95,7 +95,7 @@ def test_save_load_gives_the_identical_embedding(make_config, tmp_path, small_ad
     np.testing.assert_array_equal(
         model.get_prototypes(), np.load(tmp_path / "run" / "prototypes.npy")
     )
-    assert model.registry["studies"] == ["study_0", "study_1", "study_2"]
+    assert model.registry["studies"] == ["study_0", "study_1", "study_2", "study_3"]  # query mapped
     assert len(model.registry["input_spec"]["genes"]) == 500
     assert model.registry["scproto_version"]
 

@@ -70,6 +70,18 @@ class ConditionalVAE(nn.Module):
     def latent_dim(self) -> int:
         return self.mean_head.out_features
 
+    @torch.no_grad()
+    def settle_study_embedding(self) -> None:
+        """Apply the embedding's max_norm to every row now.
+
+        ``Embedding(max_norm=1)`` rescales a row in place whenever it is looked up, so the
+        first lookup after an optimiser step changes the stored weights. Settling them once
+        after training makes every later lookup leave the parameters bit-identical.
+        """
+        self.study_embedding(
+            torch.arange(self.study_embedding.num_embeddings, device=self.output_head.weight.device)
+        )
+
     def mean_study_embedding(self) -> torch.Tensor:
         """Average of the study embeddings: the condition of a batch-free profile."""
         all_studies = torch.arange(

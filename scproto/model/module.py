@@ -134,6 +134,9 @@ class ScProtoModule(pl.LightningModule):
         if self.global_step < self.hparams.freeze_prototypes_iters:
             self.prototypes.grad = None
 
+    def on_train_end(self) -> None:
+        self.cvae.settle_study_embedding()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["scproto_registry"] = self.registry
 

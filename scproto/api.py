@@ -21,6 +21,7 @@ from scproto.data.preprocess import (
     source_matrix,
 )
 from scproto.errors import ScProtoInputError
+from scproto.metacells import decode_prototypes
 from scproto.model.module import ScProtoModule
 from scproto.query import expand_studies, train_new_rows
 
@@ -190,3 +191,53 @@ class ScProto:
     def assign_prototypes(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
         """(index of the nearest prototype, its cosine similarity) for every cell."""
         return self.prototype_similarity(self.get_latent(adata))
+
+    # ----------------------------------------------------------------- metacells and labels
+    def decode_metacells(self) -> ad.AnnData:
+        """Every prototype decoded into a batch-free profile (K × genes).
+
+        ``X`` is in the model's input space (log-normalised), ``layers['normalized']`` the
+        normalised expression. Each prototype is decoded at the mean ‖μ‖ of its training
+        cells (stored at training) with the mean reference study embedding; NB models at a
+        library size of ``target_sum``. The run's ``metacells.h5ad`` adds per-prototype
+        statistics.
+        """
+        n_prototypes = self.module.hparams.n_prototypes
+        scale = np.asarray(self.registry.get("prototype_norms", np.ones(n_prototypes)))
+        n_reference = len(self.registry.get("reference_studies", self.studies))
+        expression, normalised = decode_prototypes(
+            self.module, scale, n_reference, self.spec.target_sum
+        )
+        result = ad.AnnData(
+            X=expression.astype(np.float32),
+            obs=pd.DataFrame(index=[f"prototype_{k}" for k in range(n_prototypes)]),
+            var=pd.DataFrame(index=list(self.spec.genes)),
+        )
+        result.layers["normalized"] = normalised.astype(np.float32)
+        return result
+
+    def label_predictions(
+        self, prototype: np.ndarray, similarity: np.ndarray, threshold: float | None = None
+    ) -> pd.DataFrame:
+        """Labels of the nearest prototypes, with uncertainty 1 − max(similarity, 0) × the
+        prototype's label confidence; above ``threshold`` the label is 'unknown'."""
+        if "prototype_labels" not in self.registry:
+            raise ScProtoInputError(
+                "This model has no prototype labels: it was trained without `data.label_key`."
+            )
+        labels = np.asarray(self.registry["prototype_labels"], dtype=object)
+        confidence = np.asarray(self.registry["prototype_label_confidence"], dtype=float)
+        uncertainty = 1.0 - np.clip(similarity, 0.0, 1.0) * np.nan_to_num(confidence[prototype])
+        if threshold is None:
+            threshold = self.registry.get("label_uncertainty_threshold", 0.5)
+        predicted = np.where(uncertainty > threshold, "unknown", labels[prototype])
+        return pd.DataFrame({"predicted_label": predicted, "label_uncertainty": uncertainty})
+
+    def predict_labels(self, adata: ad.AnnData, threshold: float | None = None) -> pd.DataFrame:
+        """Cell-type label of every cell from its nearest prototype (label transfer).
+
+        >>> adata.obs[["predicted_label", "label_uncertainty"]] = model.predict_labels(adata).values
+        """
+        frame = self.label_predictions(*self.assign_prototypes(adata), threshold=threshold)
+        frame.index = adata.obs_names
+        return frame

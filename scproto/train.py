@@ -21,12 +21,13 @@ from scproto.data.datamodule import ScProtoDataModule
 from scproto.data.io import read_h5ad
 from scproto.data.synthetic import make_synthetic
 from scproto.errors import ScProtoInputError
+from scproto.metacells import metacells
 from scproto.model.module import ScProtoModule
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-OUTPUT_NAMES = ("checkpoints/last.ckpt", "embedding.h5ad", "prototypes.npy")
+OUTPUT_NAMES = ("checkpoints/last.ckpt", "embedding.h5ad", "prototypes.npy", "metacells.h5ad")
 
 
 # Settings with a fixed set of values, checked before any data is read.
@@ -159,17 +160,67 @@ def unique_obs_columns(obs: pd.DataFrame, written: dict[str, Any]) -> pd.DataFra
     return obs
 
 
-def write_outputs(model: ScProto, datamodule: ScProtoDataModule, run_dir: Path) -> ad.AnnData:
-    """embedding.h5ad (every cell, input obs kept) and prototypes.npy."""
-    latent = model.latent_of(datamodule.x, model.study_codes(datamodule.adata))
-    prototype, similarity = model.prototype_similarity(latent)
+def describe_prototypes(
+    model: ScProto, datamodule: ScProtoDataModule, latent: np.ndarray, prototype: np.ndarray
+) -> ad.AnnData:
+    """metacells.h5ad from the reference cells; stores what inference needs in the registry."""
+    reference = datamodule.is_reference
+    adata = datamodule.adata
+    labels = None
+    if datamodule.label_key:
+        labels = adata.obs[datamodule.label_key].to_numpy()[reference]
+    table = metacells(
+        model.module,
+        latent=latent[reference],
+        x=datamodule.x[reference],
+        prototype=prototype[reference],
+        studies=adata.obs[datamodule.batch_key].astype(str).to_numpy()[reference],
+        genes=datamodule.spec.genes,
+        n_reference_studies=len(datamodule.studies),
+        library_size=datamodule.spec.target_sum,
+        labels=labels,
+    )
+    model.registry["prototype_norms"] = table.obs["decoding_norm"].tolist()
+    if labels is not None:
+        model.registry["prototype_labels"] = table.obs["label_top10"].tolist()
+        model.registry["prototype_label_confidence"] = table.obs["label_top10_confidence"].tolist()
+    return table
+
+
+def summarize_metacells(table: ad.AnnData, labels: np.ndarray | None) -> dict[str, float]:
+    """Median fidelity over non-empty prototypes; share of cell types that own a prototype."""
+    summary = {
+        "metacells/fidelity_median": float(np.nanmedian(table.obs["fidelity"])),
+        "metacells/empty_prototypes": float(table.obs["empty"].sum()),
+    }
+    if labels is not None:
+        types = pd.Series(labels).dropna().astype(str).unique()
+        owned = set(table.obs["label_top10"])
+        summary["metacells/types_with_prototype_share"] = float(
+            np.mean([t in owned for t in types])
+        )
+        summary["metacells/types_without_prototype"] = float(sum(t not in owned for t in types))
+    return summary
+
+
+def write_embedding(
+    model: ScProto,
+    datamodule: ScProtoDataModule,
+    latent: np.ndarray,
+    prototype: np.ndarray,
+    similarity: np.ndarray,
+    run_dir: Path,
+) -> ad.AnnData:
+    """embedding.h5ad: every cell, input obs kept, plus the run's columns."""
     split = pd.Categorical(
         np.where(datamodule.is_reference, "reference", "query"), categories=["reference", "query"]
     )
-    obs = unique_obs_columns(
-        datamodule.adata.obs,
-        {"split": split, "prototype": prototype, "prototype_similarity": similarity},
-    )
+    columns = {"split": split, "prototype": prototype, "prototype_similarity": similarity}
+    if "prototype_labels" in model.registry:
+        predictions = model.label_predictions(prototype, similarity)
+        columns["predicted_label"] = predictions["predicted_label"].to_numpy()
+        columns["label_uncertainty"] = predictions["label_uncertainty"].to_numpy()
+    obs = unique_obs_columns(datamodule.adata.obs, columns)
     embedding = ad.AnnData(obs=obs)
     embedding.obsm["X_scproto"] = latent
     embedding.obsm["X_scproto_unit"] = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(
@@ -182,7 +233,6 @@ def write_outputs(model: ScProto, datamodule: ScProtoDataModule, run_dir: Path) 
         "version": scproto.__version__,
     }
     embedding.write_h5ad(run_dir / "embedding.h5ad")
-    np.save(run_dir / "prototypes.npy", model.get_prototypes())
     return embedding
 
 
@@ -210,7 +260,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if datamodule.query_studies:
         start = time.perf_counter()
         model = model.map_query(datamodule.adata, seed=cfg.seed, **cfg.query)
-        model.save(run_dir / "checkpoints/last.ckpt")  # the model that writes the embedding
         log.info(
             "query mapping of %s: %d epochs, %.1f s, CVAE loss %s",
             datamodule.query_studies,
@@ -220,8 +269,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if model.mapping_losses
             else "-",
         )
-    embedding = write_outputs(model, datamodule, run_dir)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    latent = model.latent_of(datamodule.x, model.study_codes(datamodule.adata))
+    prototype, similarity = model.prototype_similarity(latent)
+    table = describe_prototypes(model, datamodule, latent, prototype)
+    model.registry["label_uncertainty_threshold"] = cfg.label_transfer.uncertainty_threshold
+    model.save(run_dir / "checkpoints/last.ckpt")  # the model that wrote the outputs below
+    table.write_h5ad(run_dir / "metacells.h5ad")
+    np.save(run_dir / "prototypes.npy", model.get_prototypes())
+    embedding = write_embedding(model, datamodule, latent, prototype, similarity, run_dir)
+    labels = None
+    if datamodule.label_key:
+        labels = datamodule.adata.obs[datamodule.label_key].to_numpy()[datamodule.is_reference]
+    summary = summarize_metacells(table, labels)
+    log.info("metacells: %s", ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in summary.items()))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()} | summary
     metrics["time/train_s"] = train_seconds
     metrics["time/data_setup_s"] = sum(datamodule.timings.values())
     log.info("training took %.1f s; outputs in %s", train_seconds, run_dir)

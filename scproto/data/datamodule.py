@@ -228,6 +228,7 @@ class ScProtoDataModule(pl.LightningDataModule):
             "batch_key": self.batch_key,
             "label_key": self.label_key,
             "studies": list(self.studies),
+            "reference_studies": list(self.studies),  # "studies" grows with query mapping
             "likelihood": self.likelihood,
         }
 

@@ -82,12 +82,12 @@ class ConditionalVAE(nn.Module):
             torch.arange(self.study_embedding.num_embeddings, device=self.output_head.weight.device)
         )
 
-    def mean_study_embedding(self) -> torch.Tensor:
-        """Average of the study embeddings: the condition of a batch-free profile."""
-        all_studies = torch.arange(
-            self.study_embedding.num_embeddings, device=self.output_head.weight.device
-        )
-        return self.study_embedding(all_studies).mean(dim=0)
+    def mean_study_embedding(self, n_studies: int | None = None) -> torch.Tensor:
+        """Average of the first ``n_studies`` study embeddings (all by default): the
+        condition of a batch-free profile."""
+        n_studies = n_studies or self.study_embedding.num_embeddings
+        studies = torch.arange(n_studies, device=self.output_head.weight.device)
+        return self.study_embedding(studies).mean(dim=0)
 
     def condition(self, study: torch.Tensor) -> torch.Tensor:
         """Study embedding of each row; code −1 (a study the model has not seen) gets the mean."""

@@ -229,7 +229,7 @@ class ScProto:
         confidence = np.asarray(self.registry["prototype_label_confidence"], dtype=float)
         uncertainty = 1.0 - np.clip(similarity, 0.0, 1.0) * np.nan_to_num(confidence[prototype])
         if threshold is None:
-            threshold = self.registry.get("label_uncertainty_threshold", 0.5)
+            threshold = self.registry.get("label_uncertainty_threshold", 0.7)
         predicted = np.where(uncertainty > threshold, "unknown", labels[prototype])
         return pd.DataFrame({"predicted_label": predicted, "label_uncertainty": uncertainty})
 

@@ -182,8 +182,15 @@ def describe_prototypes(
     )
     model.registry["prototype_norms"] = table.obs["decoding_norm"].tolist()
     if labels is not None:
-        model.registry["prototype_labels"] = table.obs["label_top10"].tolist()
-        model.registry["prototype_label_confidence"] = table.obs["label_top10_confidence"].tolist()
+        # The cells a prototype is nearest to speak for the cells it will label; an empty
+        # prototype falls back to the label of its 10 most similar cells.
+        obs = table.obs
+        model.registry["prototype_labels"] = (
+            obs["label_assigned"].where(~obs["empty"], obs["label_top10"]).tolist()
+        )
+        model.registry["prototype_label_confidence"] = (
+            obs["purity"].where(~obs["empty"], obs["label_top10_confidence"]).tolist()
+        )
     return table
 
 

@@ -1,0 +1,97 @@
+"""Metacells and label transfer: pure pieces on hand-made cases, then a trained run."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from scproto import ScProto
+from scproto.metacells import decoding_scale, majority, pearson_rows, top_similar_labels
+from scproto.train import train
+from tests.conftest import compose_config
+
+
+def test_decoding_scale_is_the_mean_norm_of_assigned_cells():
+    latent = np.array([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]])  # norms 5, 1, 10
+    scale = decoding_scale(latent, np.array([0, 1, 0]), n_prototypes=3)
+    np.testing.assert_allclose(scale, [7.5, 1.0, 16 / 3])  # empty prototype: mean of all
+
+
+def test_majority_and_its_share():
+    assert majority(["a", "b", "a", None]) == ("a", pytest.approx(2 / 3))
+    label, share = majority([])
+    assert label == "" and np.isnan(share)
+
+
+def test_top_similar_labels_takes_the_cells_closest_to_each_prototype():
+    latent = np.array([[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [0.1, 3.0], [0.05, 1.0]])
+    labels = np.array(["x", "x", "y", "y", "z"], dtype=object)
+    prototypes = np.array([[1.0, 0.0], [0.0, 1.0]])
+    names, shares = top_similar_labels(latent, labels, prototypes, k=2)
+    assert names == ["x", "y"]
+    np.testing.assert_allclose(shares, [1.0, 1.0])
+
+
+def test_pearson_rows():
+    a = np.array([[1.0, 2.0, 3.0], [1.0, 0.0, 1.0]])
+    np.testing.assert_allclose(pearson_rows(a, 2 * a + 1), [1.0, 1.0])
+    np.testing.assert_allclose(pearson_rows(a[:1], -a[:1]), [-1.0])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("metacells") / "run"
+    _, objects = train(compose_config(run, ["trainer.max_epochs=4"]))
+    return run, objects
+
+
+def test_run_writes_metacells_with_their_table(run):
+    path, _ = run
+    table = ad.read_h5ad(path / "metacells.h5ad")
+    assert table.shape == (20, 500)
+    assert "normalized" in table.layers
+    np.testing.assert_allclose(table.layers["normalized"], np.expm1(table.X), rtol=1e-5, atol=1e-5)
+    obs = table.obs
+    for column in (
+        "n_cells",
+        "empty",
+        "fidelity",
+        "study_entropy",
+        "label_top10",
+        "label_assigned",
+        "purity",
+    ):
+        assert column in obs
+    embedding = ad.read_h5ad(path / "embedding.h5ad")
+    reference = embedding.obs["split"] == "reference"
+    assert obs["n_cells"].sum() == reference.sum()  # the table counts reference cells
+    assert (obs["empty"] == (obs["n_cells"] == 0)).all()
+    assert obs.loc[~obs["empty"], "fidelity"].notna().all()
+    study_counts = obs[[c for c in obs if c.startswith("n_study_")]].sum(axis=1)
+    np.testing.assert_array_equal(study_counts, obs["n_cells"])
+
+
+def test_metacells_decode_deterministically_and_as_the_run_wrote(run):
+    path, _ = run
+    model = ScProto.load(path / "checkpoints" / "last.ckpt")
+    first, second = model.decode_metacells(), model.decode_metacells()
+    np.testing.assert_array_equal(first.X, second.X)
+    np.testing.assert_allclose(
+        first.X, ad.read_h5ad(path / "metacells.h5ad").X, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_label_transfer_writes_labels_and_reloads(run, small_adata):
+    path, _ = run
+    embedding = ad.read_h5ad(path / "embedding.h5ad")
+    assert {"predicted_label", "label_uncertainty"} <= set(embedding.obs)
+    assert embedding.obs["label_uncertainty"].between(0, 1).all()
+    model = ScProto.load(path / "checkpoints" / "last.ckpt")
+    predicted = model.predict_labels(small_adata)
+    pd.testing.assert_series_equal(
+        predicted["predicted_label"].reset_index(drop=True),
+        embedding.obs["predicted_label"].astype(str).reset_index(drop=True),
+        check_names=False,
+    )
+    everything_unknown = model.predict_labels(small_adata, threshold=-1.0)
+    assert (everything_unknown["predicted_label"] == "unknown").all()

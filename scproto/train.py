@@ -23,6 +23,7 @@ from scproto.data.synthetic import make_synthetic
 from scproto.errors import ScProtoInputError
 from scproto.metacells import metacells
 from scproto.model.module import ScProtoModule
+from scproto.outputs import embedding_anndata
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +143,6 @@ def exit_with_message(error: ScProtoInputError) -> None:
     sys.exit(2)
 
 
-def unique_obs_columns(obs: pd.DataFrame, written: dict[str, Any]) -> pd.DataFrame:
-    """``obs`` plus the run's columns; an input column of the same name holding other values
-    is kept, renamed ``<name>_input``."""
-    obs = obs.copy()
-    for name, values in written.items():
-        if name in obs and not np.array_equal(
-            obs[name].astype(str), np.asarray(values).astype(str)
-        ):
-            log.warning(
-                "input obs column %r differs from the run's and is kept as %r",
-                name,
-                f"{name}_input",
-            )
-            obs[f"{name}_input"] = obs.pop(name)
-        obs[name] = values
-    return obs
-
-
 def describe_prototypes(
     model: ScProto, datamodule: ScProtoDataModule, latent: np.ndarray, prototype: np.ndarray
 ) -> ad.AnnData:
@@ -210,39 +193,6 @@ def summarize_metacells(table: ad.AnnData, labels: np.ndarray | None) -> dict[st
     return summary
 
 
-def write_embedding(
-    model: ScProto,
-    datamodule: ScProtoDataModule,
-    latent: np.ndarray,
-    prototype: np.ndarray,
-    similarity: np.ndarray,
-    run_dir: Path,
-) -> ad.AnnData:
-    """embedding.h5ad: every cell, input obs kept, plus the run's columns."""
-    split = pd.Categorical(
-        np.where(datamodule.is_reference, "reference", "query"), categories=["reference", "query"]
-    )
-    columns = {"split": split, "prototype": prototype, "prototype_similarity": similarity}
-    if "prototype_labels" in model.registry:
-        predictions = model.label_predictions(prototype, similarity)
-        columns["predicted_label"] = predictions["predicted_label"].to_numpy()
-        columns["label_uncertainty"] = predictions["label_uncertainty"].to_numpy()
-    obs = unique_obs_columns(datamodule.adata.obs, columns)
-    embedding = ad.AnnData(obs=obs)
-    embedding.obsm["X_scproto"] = latent
-    embedding.obsm["X_scproto_unit"] = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(
-        1e-12
-    )
-    embedding.uns["scproto"] = {
-        "batch_key": datamodule.batch_key,
-        "label_key": datamodule.label_key or "",
-        "query_studies": list(datamodule.query_studies),
-        "version": scproto.__version__,
-    }
-    embedding.write_h5ad(run_dir / "embedding.h5ad")
-    return embedding
-
-
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit scProto as configured; returns (metrics, objects) and writes the run directory."""
     validate_config(cfg)
@@ -277,13 +227,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             else "-",
         )
     latent = model.latent_of(datamodule.x, model.study_codes(datamodule.adata))
-    prototype, similarity = model.prototype_similarity(latent)
+    prototype, _ = model.prototype_similarity(latent)
     table = describe_prototypes(model, datamodule, latent, prototype)
     model.registry["label_uncertainty_threshold"] = cfg.label_transfer.uncertainty_threshold
     model.save(run_dir / "checkpoints/last.ckpt")  # the model that wrote the outputs below
     table.write_h5ad(run_dir / "metacells.h5ad")
     np.save(run_dir / "prototypes.npy", model.get_prototypes())
-    embedding = write_embedding(model, datamodule, latent, prototype, similarity, run_dir)
+    split = np.where(datamodule.is_reference, "reference", "query")
+    embedding = embedding_anndata(
+        model, datamodule.adata.obs, split, latent, query_studies=datamodule.query_studies
+    )
+    embedding.write_h5ad(run_dir / "embedding.h5ad")
     labels = None
     if datamodule.label_key:
         labels = datamodule.adata.obs[datamodule.label_key].to_numpy()[datamodule.is_reference]

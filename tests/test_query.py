@@ -79,3 +79,34 @@ def test_mapped_model_saves_and_reloads(reference_model, query, tmp_path):
     reloaded = ScProto.load(tmp_path / "mapped.ckpt")
     assert reloaded.studies == [*reference_model.studies, "study_3"]
     np.testing.assert_array_equal(reloaded.get_latent(query), mapped.get_latent(query))
+
+
+def test_map_query_command_writes_its_own_embedding(reference_model, query, tmp_path):
+    import anndata as ad
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from scproto.map_query import map_file
+    from scproto.train import CONFIG_DIR
+
+    reference_model.save(tmp_path / "model.ckpt")
+    renamed = query.copy()
+    renamed.obs["study"] = "new_study"
+    renamed.write_h5ad(tmp_path / "new.h5ad")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="map_query",
+            overrides=[
+                f"ckpt={tmp_path / 'model.ckpt'}",
+                f"data.path={tmp_path / 'new.h5ad'}",
+                "epochs=2",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "mapped")
+    run = map_file(cfg)
+    embedding = ad.read_h5ad(run / "embedding.h5ad")
+    assert embedding.n_obs == query.n_obs and (embedding.obs["split"] == "query").all()
+    mapped = ScProto.load(run / "checkpoints" / "mapped.ckpt")
+    assert mapped.studies[-1] == "new_study"
+    np.testing.assert_array_equal(mapped.get_latent(renamed), embedding.obsm["X_scproto"])

@@ -115,8 +115,8 @@ class ScProto:
     def map_query(
         self,
         adata: ad.AnnData,
-        epochs: int = 20,
-        lr: float = 1e-3,
+        epochs: int = 100,
+        lr: float = 1e-2,
         batch_size: int = 1024,
         seed: int = 0,
     ) -> "ScProto":
@@ -126,7 +126,7 @@ class ScProto:
         their NB dispersion) train, for ``epochs`` epochs on the new studies' cells; every
         other parameter stays bit-identical. Genes are matched by name.
 
-        >>> mapped = model.map_query(query_adata, epochs=20)
+        >>> mapped = model.map_query(query_adata, epochs=100)
         >>> query_adata.obsm["X_scproto"] = mapped.get_latent(query_adata)
         """
         key = self.registry["batch_key"]

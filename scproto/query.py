@@ -60,8 +60,8 @@ def train_new_rows(
     study: np.ndarray,
     counts: sp.csr_matrix | None = None,
     *,
-    epochs: int = 20,
-    lr: float = 1e-3,
+    epochs: int = 100,
+    lr: float = 1e-2,
     batch_size: int = 1024,
     seed: int = 0,
 ) -> list[float]:

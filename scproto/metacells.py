@@ -108,7 +108,7 @@ def metacells(
     mean_x = (members.to_numpy().T @ x) / np.maximum(size, 1)[:, None]
     obs = pd.DataFrame(index=[f"prototype_{k}" for k in range(n_prototypes)])
     obs["n_cells"] = size
-    obs["empty"] = size == 0
+    obs["is_empty"] = size == 0
     obs["decoding_norm"] = scale
     obs["fidelity"] = np.where(size > 0, pearson_rows(expression, np.asarray(mean_x)), np.nan)
 

@@ -169,10 +169,10 @@ def describe_prototypes(
         # prototype falls back to the label of its 10 most similar cells.
         obs = table.obs
         model.registry["prototype_labels"] = (
-            obs["label_assigned"].where(~obs["empty"], obs["label_top10"]).tolist()
+            obs["label_assigned"].where(~obs["is_empty"], obs["label_top10"]).tolist()
         )
         model.registry["prototype_label_confidence"] = (
-            obs["purity"].where(~obs["empty"], obs["label_top10_confidence"]).tolist()
+            obs["purity"].where(~obs["is_empty"], obs["label_top10_confidence"]).tolist()
         )
     return table
 
@@ -181,7 +181,7 @@ def summarize_metacells(table: ad.AnnData, labels: np.ndarray | None) -> dict[st
     """Median fidelity over non-empty prototypes; share of cell types that own a prototype."""
     summary = {
         "metacells/fidelity_median": float(np.nanmedian(table.obs["fidelity"])),
-        "metacells/empty_prototypes": float(table.obs["empty"].sum()),
+        "metacells/empty_prototypes": float(table.obs["is_empty"].sum()),
     }
     if labels is not None:
         types = pd.Series(labels).dropna().astype(str).unique()

@@ -54,7 +54,7 @@ def test_run_writes_metacells_with_their_table(run):
     obs = table.obs
     for column in (
         "n_cells",
-        "empty",
+        "is_empty",
         "fidelity",
         "study_entropy",
         "label_top10",
@@ -65,8 +65,8 @@ def test_run_writes_metacells_with_their_table(run):
     embedding = ad.read_h5ad(path / "embedding.h5ad")
     reference = embedding.obs["split"] == "reference"
     assert obs["n_cells"].sum() == reference.sum()  # the table counts reference cells
-    assert (obs["empty"] == (obs["n_cells"] == 0)).all()
-    assert obs.loc[~obs["empty"], "fidelity"].notna().all()
+    assert (obs["is_empty"] == (obs["n_cells"] == 0)).all()
+    assert obs.loc[~obs["is_empty"], "fidelity"].notna().all()
     study_counts = obs[[c for c in obs if c.startswith("n_study_")]].sum(axis=1)
     np.testing.assert_array_equal(study_counts, obs["n_cells"])
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
@@ -102,10 +103,12 @@ def metacells(
     expression, normalised = decode_prototypes(module, scale, n_reference_studies, library_size)
 
     size = np.bincount(prototype, minlength=n_prototypes)
-    members = pd.get_dummies(
-        pd.Categorical(prototype, categories=range(n_prototypes)), dtype=np.float32
+    # prototype × cell indicator, sparse: a dense one would be n_cells × K
+    members = sp.csr_matrix(
+        (np.ones(len(prototype), dtype=np.float32), (prototype, np.arange(len(prototype)))),
+        shape=(n_prototypes, len(prototype)),
     )
-    mean_x = (members.to_numpy().T @ x) / np.maximum(size, 1)[:, None]
+    mean_x = np.asarray((members @ x).todense()) / np.maximum(size, 1)[:, None]
     obs = pd.DataFrame(index=[f"prototype_{k}" for k in range(n_prototypes)])
     obs["n_cells"] = size
     obs["is_empty"] = size == 0

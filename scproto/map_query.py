@@ -12,7 +12,7 @@ from scproto.api import ScProto
 from scproto.data.io import read_h5ad
 from scproto.errors import ScProtoInputError
 from scproto.outputs import embedding_anndata
-from scproto.train import CONFIG_DIR, exit_with_message
+from scproto.train import CONFIG_DIR, exit_with_message, prepare_run_dir
 
 log = logging.getLogger(__name__)
 OUTPUT_NAMES = ("embedding.h5ad", "checkpoints/mapped.ckpt")
@@ -23,11 +23,7 @@ def map_file(cfg: DictConfig) -> Path:
     if not cfg.ckpt or not cfg.data.path:
         raise ScProtoInputError("Give both the model and the data: ckpt=... data.path=...")
     run_dir = Path(cfg.paths.output_dir)
-    existing = [name for name in OUTPUT_NAMES if (run_dir / name).exists()]
-    if existing and not cfg.overwrite:
-        raise ScProtoInputError(
-            f"{run_dir} already holds {existing}; pass overwrite=true or another hydra.run.dir."
-        )
+    prepare_run_dir(run_dir, cfg.overwrite, names=OUTPUT_NAMES)
     model = ScProto.load(cfg.ckpt)
     adata = read_h5ad(cfg.data.path)
     known = set(model.studies)

@@ -111,9 +111,9 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a directory holding a run's outputs, or clear them when ``overwrite``."""
-    existing = [name for name in OUTPUT_NAMES if (run_dir / name).exists()]
+def prepare_run_dir(run_dir: Path, overwrite: bool, names: tuple[str, ...] = OUTPUT_NAMES) -> None:
+    """Refuse a directory holding the outputs ``names``, or clear them when ``overwrite``."""
+    existing = [name for name in names if (run_dir / name).exists()]
     if existing and not overwrite:
         raise ScProtoInputError(
             f"{run_dir} already holds the outputs of a run ({', '.join(existing)}). Choose another "
@@ -121,7 +121,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         )
     if existing:  # asked to: start clean, so no file of the old run survives beside the new
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        for name in OUTPUT_NAMES:
+        for name in names:
             (run_dir / name).unlink(missing_ok=True)
 
 
@@ -143,15 +143,23 @@ def exit_with_message(error: ScProtoInputError) -> None:
     sys.exit(2)
 
 
+def reference_labels(datamodule: ScProtoDataModule) -> np.ndarray | None:
+    """Cell-type labels of the reference cells, or None without ``data.label_key``."""
+    if not datamodule.label_key:
+        return None
+    return datamodule.adata.obs[datamodule.label_key].to_numpy()[datamodule.is_reference]
+
+
 def describe_prototypes(
-    model: ScProto, datamodule: ScProtoDataModule, latent: np.ndarray, prototype: np.ndarray
+    model: ScProto,
+    datamodule: ScProtoDataModule,
+    latent: np.ndarray,
+    prototype: np.ndarray,
+    labels: np.ndarray | None,
 ) -> ad.AnnData:
     """metacells.h5ad from the reference cells; stores what inference needs in the registry."""
     reference = datamodule.is_reference
     adata = datamodule.adata
-    labels = None
-    if datamodule.label_key:
-        labels = adata.obs[datamodule.label_key].to_numpy()[reference]
     table = metacells(
         model.module,
         latent=latent[reference],
@@ -228,7 +236,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )
     latent = model.latent_of(datamodule.x, model.study_codes(datamodule.adata))
     prototype, _ = model.prototype_similarity(latent)
-    table = describe_prototypes(model, datamodule, latent, prototype)
+    labels = reference_labels(datamodule)
+    table = describe_prototypes(model, datamodule, latent, prototype, labels)
     model.registry["label_uncertainty_threshold"] = cfg.label_transfer.uncertainty_threshold
     model.save(run_dir / "checkpoints/last.ckpt")  # the model that wrote the outputs below
     table.write_h5ad(run_dir / "metacells.h5ad")
@@ -238,9 +247,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         model, datamodule.adata.obs, split, latent, query_studies=datamodule.query_studies
     )
     embedding.write_h5ad(run_dir / "embedding.h5ad")
-    labels = None
-    if datamodule.label_key:
-        labels = datamodule.adata.obs[datamodule.label_key].to_numpy()[datamodule.is_reference]
     summary = summarize_metacells(table, labels)
     log.info("metacells: %s", ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in summary.items()))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()} | summary

@@ -21,6 +21,8 @@ from scproto.data.datamodule import ScProtoDataModule
 from scproto.data.io import read_h5ad
 from scproto.data.synthetic import make_synthetic
 from scproto.errors import ScProtoInputError
+from scproto.evaluation import evaluate, read_run, write_metrics
+from scproto.evaluation.pipeline import OUTPUT_FILES
 from scproto.metacells import metacells
 from scproto.model.module import ScProtoModule
 from scproto.outputs import embedding_anndata
@@ -28,7 +30,14 @@ from scproto.outputs import embedding_anndata
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-OUTPUT_NAMES = ("checkpoints/last.ckpt", "embedding.h5ad", "prototypes.npy", "metacells.h5ad")
+OUTPUT_NAMES = (
+    "checkpoints/last.ckpt",
+    "embedding.h5ad",
+    "prototypes.npy",
+    "metacells.h5ad",
+    *OUTPUT_FILES,
+    "figures",
+)
 
 
 # Settings with a fixed set of values, checked before any data is read.
@@ -122,7 +131,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, names: tuple[str, ...] = OUT
     if existing:  # asked to: start clean, so no file of the old run survives beside the new
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         for name in names:
-            (run_dir / name).unlink(missing_ok=True)
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 class RefuseOverwrite(Callback):
@@ -201,6 +211,11 @@ def summarize_metacells(table: ad.AnnData, labels: np.ndarray | None) -> dict[st
     return summary
 
 
+def headline(metrics: dict[str, Any]) -> str:
+    keys = ("scib/total", "pca/scib/total", "scgraph/corr_weighted", "pca/scgraph/corr_weighted")
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics) or "-"
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit scProto as configured; returns (metrics, objects) and writes the run directory."""
     validate_config(cfg)
@@ -253,6 +268,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics["time/train_s"] = train_seconds
     metrics["time/data_setup_s"] = sum(datamodule.timings.values())
     log.info("training took %.1f s; outputs in %s", train_seconds, run_dir)
+    if cfg.eval.enabled:
+        inputs = read_run(run_dir, datamodule.x, n_pcs=cfg.eval.pca_components, seed=cfg.seed)
+        metrics |= evaluate(inputs, cfg.eval, run_dir, seed=cfg.seed, title=cfg.task_name)
+        log.info("evaluation: %s", headline(metrics))
+    write_metrics(metrics, run_dir / "metrics.json")
     return metrics, {
         "model": model,
         "reference_model": reference_model,

@@ -35,7 +35,14 @@ def compose_config(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         on_files = any(o.startswith(("experiment=", "data=")) for o in overrides)
         shrink = [] if on_files else SMALL_SYNTHETIC
-        cfg = compose(config_name="train", overrides=[*shrink, *FAST, *overrides])
+        # evaluation (a minute of JAX compilation) only where a test asks for it
+        no_eval = [] if any(o.startswith("eval=") for o in overrides) else ["eval=none"]
+        fast = [
+            o
+            for o in FAST
+            if not (o == "~logger" and any(o.startswith("logger=") for o in overrides))
+        ]
+        cfg = compose(config_name="train", overrides=[*shrink, *fast, *no_eval, *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.cache_dir = str(output_dir / "cache")

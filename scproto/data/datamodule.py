@@ -1,9 +1,7 @@
 """LightningDataModule: validate → log-normalise → HVGs → PCA → kNN graph → neighbour views."""
 
 import logging
-import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -27,16 +25,9 @@ from scproto.data.preprocess import (
 )
 from scproto.data.views import ViewBatchSampler, ViewRows, identity_collate, neighbor_probabilities
 from scproto.errors import ScProtoInputError
+from scproto.timing import timed
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def timed(step: str, timings: dict[str, float]):
-    start = time.perf_counter()
-    yield
-    timings[step] = time.perf_counter() - start
-    log.info("%s: %.2f s", step, timings[step])
 
 
 class ScProtoDataModule(pl.LightningDataModule):
@@ -122,11 +113,11 @@ class ScProtoDataModule(pl.LightningDataModule):
                 "rarely exceeds ~10. If X is normalised but not logged, pass raw counts instead.",
                 largest,
             )
-        with timed("log-normalise", self.timings):
+        with timed("log-normalise", self.timings, log):
             full = log_normalized(adata.X, is_counts=is_counts, target_sum=self.target_sum)
         needs_counts = self.likelihood == "nb" or self.hvg_flavor == "seurat_v3"
         raw_counts = self._raw_counts(is_counts) if needs_counts else None
-        with timed("highly variable genes", self.timings):
+        with timed("highly variable genes", self.timings, log):
             genes = highly_variable_genes(
                 full[reference],
                 adata.var_names,
@@ -203,11 +194,12 @@ class ScProtoDataModule(pl.LightningDataModule):
         if cached is not None:
             self.timings["kNN graph (cached)"] = 0.0
             return cached
-        with timed("PCA", self.timings):
+        with timed("PCA", self.timings, log):
             coordinates = randomized_pca(reference_x, self.n_pcs, seed=self.seed)
         with timed(
             f"{'approximate' if approximate else 'exact'} {self.n_neighbors}-NN (faiss)",
             self.timings,
+            log,
         ):
             neighbors, distances = knn.knn_graph(
                 coordinates,

@@ -1,0 +1,67 @@
+"""`python evaluate.py run_dir=DIR`: evaluate a finished run again, without retraining.
+
+The data are rebuilt from the run's own config (the synthetic data regenerated, or the
+.h5ad re-read) and prepared by the saved model exactly as in training; metrics.json keeps
+the run's training numbers and gets fresh evaluation ones.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from scproto.api import ScProto
+from scproto.errors import ScProtoInputError
+from scproto.evaluation import evaluate, read_run, write_metrics
+from scproto.evaluation.pipeline import is_evaluation_key
+from scproto.train import CONFIG_DIR, exit_with_message, headline, load_data
+
+log = logging.getLogger(__name__)
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise ScProtoInputError(
+            f"{path} not found: `run_dir` must be a directory written by `python train.py`."
+        )
+    return OmegaConf.load(path)
+
+
+def evaluate_run(
+    run_dir: Path, eval_cfg: DictConfig | None = None, data_path: str | None = None
+) -> dict:
+    """Re-evaluate ``run_dir`` with ``eval_cfg`` (default: the run's own settings)."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if eval_cfg is None:
+        eval_cfg = cfg.get("eval") or OmegaConf.load(CONFIG_DIR / "eval" / "full.yaml")
+    if data_path:
+        with open_dict(cfg):
+            cfg.data.path = data_path
+    model = ScProto.load(run_dir / "checkpoints" / "last.ckpt")
+    adata = load_data(cfg.data)
+    inputs = read_run(
+        run_dir, model.model_input(adata), n_pcs=eval_cfg.pca_components, seed=cfg.seed
+    )
+    metrics_path = run_dir / "metrics.json"
+    previous = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = {k: v for k, v in previous.items() if not is_evaluation_key(k)}
+    metrics |= evaluate(inputs, eval_cfg, run_dir, seed=cfg.seed, title=cfg.get("task_name", ""))
+    write_metrics(metrics, metrics_path)
+    log.info("evaluation: %s; written to %s", headline(metrics), run_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate_run(Path(cfg.run_dir), cfg.get("eval"), cfg.data_path)
+    except ScProtoInputError as error:
+        exit_with_message(error)
+
+
+if __name__ == "__main__":
+    main()

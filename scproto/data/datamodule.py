@@ -232,6 +232,9 @@ class ScProtoDataModule(pl.LightningDataModule):
             n_views=self.n_views,
             seed=self.seed,
             probabilities=neighbor_probabilities(self.distances, self.neighbor_weighting),
+            # data.batch_size is the global minibatch; each DDP rank takes its share
+            rank=self.trainer.global_rank if self.trainer else 0,
+            world_size=self.trainer.world_size if self.trainer else 1,
         )
         return DataLoader(
             rows,

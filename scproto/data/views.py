@@ -51,6 +51,10 @@ class ViewBatchSampler(Sampler[np.ndarray]):
     the only one. The random stream depends only on (seed, epoch), so runs repeat exactly
     whatever the number of loader workers; Lightning sets the epoch through ``set_epoch``
     (also when dataloaders are reloaded or a run resumes).
+
+    Under data parallelism every rank draws the same global minibatch from that stream and
+    keeps its contiguous share of the anchors (``batch_size // world_size`` each, rank
+    order), so the ranks' shards, gathered, are the minibatch of one process.
     """
 
     def __init__(
@@ -61,12 +65,19 @@ class ViewBatchSampler(Sampler[np.ndarray]):
         n_views: int,
         seed: int,
         probabilities: np.ndarray | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size or batch_size < world_size:
+            raise ValueError(
+                f"rank {rank} of {world_size} cannot take a share of {batch_size} anchors"
+            )
         self.neighbors = neighbors
         self.batch_size = batch_size
         self.n_views = n_views
         self.seed = seed
         self.probabilities = probabilities
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -84,10 +95,12 @@ class ViewBatchSampler(Sampler[np.ndarray]):
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1  # for use outside Lightning; Lightning calls set_epoch
         order = rng.permutation(len(self.neighbors))
+        share = self.batch_size // self.world_size
+        mine = slice(self.rank * share, (self.rank + 1) * share)
         for batch in range(len(self)):
             anchors = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             views = sample_views(anchors, self.neighbors, self.n_views, rng, self.probabilities)
-            yield views.reshape(-1)
+            yield views[:, mine].reshape(-1)
 
 
 def dense_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:

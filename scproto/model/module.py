@@ -1,6 +1,7 @@
 """The scProto LightningModule: L = L_batchSwAV + λ_prop · L_prop + λ_cvae · L_cvae."""
 
 import math
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,6 +11,7 @@ from torch import nn
 
 from scproto.errors import ScProtoInputError
 from scproto.model.cvae import ConditionalVAE
+from scproto.model.distributed import gather_labels, gather_scores, world_size
 from scproto.model.losses import batch_swav_losses
 from scproto.model.optim import build_optimizer, warmup_cosine
 
@@ -69,8 +71,13 @@ class ScProtoModule(pl.LightningModule):
             self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
 
     def scores(self, mu: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each representation μ to each prototype."""
-        return F.normalize(mu, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+        """Cosine similarity of each representation μ to each prototype, in float32.
+
+        Mixed precision stops here: Sinkhorn divides the scores by ε = 0.02, which would
+        magnify half-precision rounding (~1e-3) fifty-fold.
+        """
+        with torch.autocast(device_type=mu.device.type, enabled=False):
+            return F.normalize(mu.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
 
     def study_groups(self, study: torch.Tensor) -> torch.Tensor:
         """Group of each anchor: its own study, or the majority study of its views."""
@@ -79,13 +86,20 @@ class ScProtoModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- loss
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss terms of one minibatch (this rank's shard of it under DDP).
+
+        SwAV and propagation see the global minibatch (every rank's anchors, gathered);
+        the CVAE term is a mean over this shard's rows, which DDP's gradient averaging
+        turns into the global mean.
+        """
         hp = self.hparams
         x, study = batch["x"], batch["study"]
         outputs = self.cvae(x, study)
-        scores = self.scores(outputs["mu"]).view(hp.n_views, -1, hp.n_prototypes)
+        local_scores = self.scores(outputs["mu"]).view(hp.n_views, -1, hp.n_prototypes)
+        scores = gather_scores(local_scores, dim=1)
         terms = batch_swav_losses(
             scores,
-            self.study_groups(study),
+            gather_labels(self.study_groups(study)),
             min_group_size=hp.min_group_size,
             temperature=hp.temperature,
             epsilon=hp.epsilon,
@@ -118,15 +132,15 @@ class ScProtoModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.compute_losses(batch)
-        n_rows = batch["x"].shape[0]
-        log_k = math.log(self.hparams.n_prototypes)
-        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=n_rows)
+        # Per-step values averaged over ranks (the CVAE terms differ between shards).
+        log = partial(self.log, batch_size=batch["x"].shape[0], sync_dist=world_size() > 1)
+        log("train/loss", terms["loss"], prog_bar=True)
         for name in ("swav", "prop", "cvae", "recon", "kl"):
-            self.log(f"train/loss_{name}", terms[name], batch_size=n_rows)
-        self.log("train/swav_over_lnK", terms["swav"] / log_k, batch_size=n_rows)
+            log(f"train/loss_{name}", terms[name])
+        log("train/swav_over_lnK", terms["swav"] / math.log(self.hparams.n_prototypes))
         for name in ("prototypes_in_use", "assignment_entropy", "n_groups"):
-            self.log(f"train/{name}", terms[name], batch_size=n_rows)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n_rows)
+            log(f"train/{name}", terms[name])
+        log("train/lr", self.optimizers().param_groups[0]["lr"])
         return terms["loss"]
 
     def on_after_backward(self) -> None:

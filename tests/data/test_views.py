@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from scproto.data.views import ViewBatchSampler, ViewRows, neighbor_probabilities, sample_views
@@ -97,3 +98,35 @@ def test_rows_of_a_subset_map_to_the_full_matrix_without_copying_it():
     batch = rows.__getitems__(np.array([0, 2]))
     np.testing.assert_array_equal(batch["x"].numpy(), matrix[[2, 9]].toarray())
     assert batch["study"].tolist() == [2, 9]
+
+
+def test_ranks_split_each_global_minibatch_into_contiguous_shares():
+    """Under DDP every rank draws the same global minibatch and keeps its share of anchors:
+    the shares, side by side in rank order, are exactly the minibatch of one process."""
+    neighbors, _ = graph()
+    n_views, batch_size = 3, 20
+
+    def batches(rank=0, world_size=1):
+        sampler = ViewBatchSampler(
+            neighbors,
+            batch_size=batch_size,
+            n_views=n_views,
+            seed=4,
+            rank=rank,
+            world_size=world_size,
+        )
+        sampler.set_epoch(2)
+        return [b.reshape(n_views, -1) for b in sampler]
+
+    single = batches()
+    shards = [batches(rank, 2) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(single) == 5
+    for whole, first, second in zip(single, *shards, strict=True):
+        assert first.shape == second.shape == (n_views, batch_size // 2)
+        np.testing.assert_array_equal(np.concatenate([first, second], axis=1), whole)
+
+
+def test_a_rank_outside_the_world_is_refused():
+    neighbors, _ = graph()
+    with pytest.raises(ValueError, match="rank 2 of 2"):
+        ViewBatchSampler(neighbors, batch_size=8, n_views=2, seed=0, rank=2, world_size=2)

@@ -95,3 +95,21 @@ def test_prototype_freeze_drops_prototype_gradients_for_the_first_iterations():
     module.on_after_backward()  # global_step is 0 < 5 outside a trainer
     assert module.prototypes.grad is None
     assert module.cvae.encoder.data.weight.grad is not None
+
+
+def test_scores_and_sinkhorn_stay_float32_under_mixed_precision():
+    """Autocast would run the score matmul in half precision; Sinkhorn divides by ε = 0.02."""
+    from scproto.model.sinkhorn import sinkhorn
+
+    module = make_module()
+    batch = make_batch()
+    reference = module.scores(module.cvae(batch["x"], batch["study"])["mu"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu = module.cvae(batch["x"], batch["study"])["mu"]
+        scores = module.scores(mu)
+        q = sinkhorn(scores, epsilon=0.02)
+        terms = module.compute_losses(batch)
+    assert scores.dtype == q.dtype == torch.float32
+    assert torch.isfinite(terms["loss"]) and torch.isfinite(terms["swav"])
+    # the bfloat16 encoder moves μ a little; the scores themselves are not rounded to bf16
+    assert (scores - reference).abs().max() < 0.05

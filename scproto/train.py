@@ -26,6 +26,7 @@ from scproto.evaluation.pipeline import OUTPUT_FILES
 from scproto.metacells import metacells
 from scproto.model.module import ScProtoModule
 from scproto.outputs import embedding_anndata
+from scproto.tracking import finish_wandb, log_config, log_results
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ def validate_config(cfg: DictConfig) -> None:
             raise ScProtoInputError(
                 f"`{key}={value}` is not valid; choose one of {', '.join(allowed)}."
             )
+    target = cfg.get("optimized_metric")
+    if target and not str(target).startswith("train/") and not cfg.eval.enabled:
+        raise ScProtoInputError(
+            f"optimized_metric={target} comes from the evaluation, which eval=none turns off; "
+            "use eval=fast or eval=full, or a train/ metric."
+        )
     for key, minimum in MINIMA.items():
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or value < minimum:
@@ -229,12 +236,32 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg)
+    try:
+        metrics, objects = fit_and_write(cfg, run_dir, datamodule, module, trainer)
+    except BaseException:
+        finish_wandb(exit_code=1)  # closed also on a crash, so a sweep's next job starts clean
+        raise
+    finish_wandb(exit_code=0)
+    return metrics, objects
 
+
+def fit_and_write(
+    cfg: DictConfig,
+    run_dir: Path,
+    datamodule: ScProtoDataModule,
+    module: ScProtoModule,
+    trainer: pl.Trainer,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit, then (on rank 0 only) map the query studies, describe, save and evaluate."""
+    log_config(trainer, cfg)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     train_seconds = time.perf_counter() - start
     # The final state, whatever the checkpoint callback did (fast_dev_run disables it).
     trainer.save_checkpoint(run_dir / "checkpoints/last.ckpt")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if not trainer.is_global_zero:  # DDP: the run's files and evaluation are rank 0's
+        return metrics, {"trainer": trainer, "datamodule": datamodule}
 
     model = reference_model = ScProto(module)
     if datamodule.query_studies:
@@ -264,7 +291,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     embedding.write_h5ad(run_dir / "embedding.h5ad")
     summary = summarize_metacells(table, labels)
     log.info("metacells: %s", ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in summary.items()))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()} | summary
+    metrics |= summary
     metrics["time/train_s"] = train_seconds
     metrics["time/data_setup_s"] = sum(datamodule.timings.values())
     log.info("training took %.1f s; outputs in %s", train_seconds, run_dir)
@@ -273,6 +300,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics |= evaluate(inputs, cfg.eval, run_dir, seed=cfg.seed, title=cfg.task_name)
         log.info("evaluation: %s", headline(metrics))
     write_metrics(metrics, run_dir / "metrics.json")
+    log_results(trainer, metrics, run_dir)
     return metrics, {
         "model": model,
         "reference_model": reference_model,
@@ -282,13 +310,27 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     }
 
 
+def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The number a Hydra sweeper optimises (`optimized_metric`), None when none is set."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ScProtoInputError(
+            f"optimized_metric={name} is not among this run's metrics; evaluation keys such "
+            "as scib/total need eval=full or eval=fast (see metrics.json for the keys)."
+        )
+    return metrics[name]
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics, _ = train(cfg)
+        metrics, objects = train(cfg)
+        if not objects["trainer"].is_global_zero:
+            return None  # a DDP worker: rank 0 reports the run
+        return optimized_value(metrics, cfg.get("optimized_metric"))
     except ScProtoInputError as error:
         exit_with_message(error)
-    return metrics.get("train/loss")
 
 
 if __name__ == "__main__":

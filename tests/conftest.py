@@ -1,5 +1,7 @@
 """Shared fixtures: a small synthetic AnnData and composed, shrunk training configs."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -10,6 +12,7 @@ from omegaconf import DictConfig, open_dict
 from scproto.data.synthetic import make_synthetic
 from scproto.train import CONFIG_DIR
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SMALL_SYNTHETIC = ["data.synthetic.n_cells=1500", "data.synthetic.n_genes=500"]
 FAST = [
@@ -55,3 +58,16 @@ def make_config(tmp_path):
         return compose_config(run_dir or tmp_path / "run", list(overrides))
 
     return factory
+
+
+def run_train_cli(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py OVERRIDES` from the project root, as a user runs it; must succeed."""
+    done = subprocess.run(
+        [sys.executable, "train.py", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -11,7 +11,7 @@ import scanpy as sc
 
 from scproto import ScProto, ScProtoInputError
 from scproto.train import CONFIG_DIR, train
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, run_train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,3 +199,21 @@ def test_frozen_prototypes_stay_put_during_training(make_config, monkeypatch, op
     np.testing.assert_allclose(model.get_prototypes(), model.module.start_prototypes, atol=1e-6)
     moving = train(make_config(f"optimizer={optimizer}", run_dir=tmp_path / "moving"))[1]["model"]
     assert not np.allclose(moving.get_prototypes(), moving.module.start_prototypes, atol=1e-4)
+
+
+def test_ddp_on_two_cpu_processes_trains_and_rank_zero_writes_once(tmp_path):
+    run = tmp_path / "ddp"
+    done = run_train_cli(
+        "debug=default",
+        "trainer=ddp_cpu",
+        "trainer.enable_progress_bar=false",
+        "query.epochs=1",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run}",
+    )
+    assert "Starting with 2 processes" in done.stdout + done.stderr
+    for name in ("checkpoints/last.ckpt", "embedding.h5ad", "metacells.h5ad", "metrics.json"):
+        assert (run / name).is_file(), name
+    assert "training took" in (run / "train.log").read_text()
+    assert "training took" not in (run / "train_ddp_process_1.log").read_text()  # rank 1: fit only
+    assert ScProto.load(run / "checkpoints/last.ckpt").get_prototypes().shape == (20, 8)

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from scproto.evaluation import report
+
 DEFAULT_METRICS = (
     "scib/total",
     "scib/batch",
@@ -33,6 +35,11 @@ def parse_override(override: str) -> tuple[str, object]:
     return key.lstrip("+~"), yaml.safe_load(value)
 
 
+def job_order(job: Path) -> tuple:
+    """Hydra's numbered job directories in numeric order (2 before 10), others after."""
+    return (0, int(job.name), "") if job.name.isdigit() else (1, 0, job.name)
+
+
 def read_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """One row per job: its overrides, then every metric; and the swept parameters (the
     overrides whose value differs between jobs). Jobs without metrics.json (crashed or
@@ -41,12 +48,11 @@ def read_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     jobs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir} holds no job directories (*/.hydra/overrides.yaml)")
-    rows = []
-    for job in sorted(
-        jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
-    ):
+    rows, setting_names = [], {}  # a dict: the settings' names in first-seen order
+    for job in sorted(jobs, key=job_order):
         overrides = yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []
         settings = dict(parse_override(o) for o in overrides if not o.startswith("hydra."))
+        setting_names |= dict.fromkeys(settings)
         metrics_file = job / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         rows.append(
@@ -58,27 +64,21 @@ def read_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
             }
         )
     table = pd.DataFrame(rows)
-    setting_keys = {k for row in rows for k in row} - {"job", "status"}
-    setting_keys = [k for k in table.columns if k in setting_keys and "/" not in k]
-    swept = [k for k in setting_keys if table[k].astype(str).nunique() > 1]
+    swept = [name for name in setting_names if table[name].astype(str).nunique() > 1]
     return table, swept
 
 
 def markdown_table(table: pd.DataFrame, swept: list[str], metrics: list[str]) -> str:
     """The swept settings and chosen metrics of every job, best `metrics[0]` first."""
-    columns = ["job", *swept, *[m for m in metrics if m in table], "status"]
-    shown = table[columns]
+    columns = [*swept, *[m for m in metrics if m in table], "status"]
+    shown = table.set_index("job")[columns]
     if metrics and metrics[0] in table:
         shown = shown.sort_values(metrics[0], ascending=False, na_position="last")
-    header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    lines = [
-        "| " + " | ".join(_format(value) for value in row) + " |"
-        for row in shown.itertuples(index=False)
-    ]
-    return header + "\n".join(lines) + "\n"
+    return report.markdown_table(shown, "job", number=_significant) + "\n"
 
 
-def _format(value: object) -> str:
+def _significant(value: object) -> str:
+    """4 significant digits: sweep settings such as λ_cvae = 0.0037 span decades."""
     if isinstance(value, float):
         return "–" if np.isnan(value) else f"{value:.4g}"
     return str(value)

@@ -11,8 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 import scproto
-
-RESULT_TABLES = ("scib", "scgraph", "coverage", "markers")
+from scproto.evaluation.pipeline import RESULT_TABLES
 
 
 def log_config(trainer: pl.Trainer, cfg: DictConfig) -> None:

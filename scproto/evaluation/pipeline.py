@@ -24,15 +24,9 @@ from scproto.timing import timed
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = {"scproto": "scProto (μ)", "pca": "PCA"}
-# What evaluate() writes into its output directory (besides figures/).
-OUTPUT_FILES = (
-    "metrics.json",
-    "report.md",
-    "scib.csv",
-    "scgraph.csv",
-    "coverage.csv",
-    "markers.csv",
-)
+# The tables evaluate() writes as <name>.csv, and everything it writes besides figures/.
+RESULT_TABLES = ("scib", "scgraph", "coverage", "markers")
+OUTPUT_FILES = ("metrics.json", "report.md", *(f"{name}.csv" for name in RESULT_TABLES))
 # Key namespaces evaluate() owns; re-evaluating a run replaces exactly these.
 NAMESPACES = (
     "scib/",
@@ -296,7 +290,7 @@ def evaluate(
         evaluation.metrics[f"time/eval_{name}_s"] = seconds
     evaluation.metrics["time/eval_s"] = time.perf_counter() - start
     write_report(evaluation, out_dir / "report.md", title=title, n_all=n_all)
-    for name in ("scib", "scgraph", "coverage", "markers"):
+    for name in RESULT_TABLES:
         if name in evaluation.tables:
             evaluation.tables[name].to_csv(out_dir / f"{name}.csv")
     return evaluation.metrics

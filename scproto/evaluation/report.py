@@ -1,8 +1,9 @@
 """report.md: the evaluation for a reader — scProto beside PCA, coverage, marker tasks,
 and the figures inline."""
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,12 +32,15 @@ def _number(value) -> str:
     return str(value)
 
 
-def markdown_table(frame: pd.DataFrame, index_name: str = "") -> str:
+def markdown_table(
+    frame: pd.DataFrame, index_name: str = "", number: Callable[[Any], str] = _number
+) -> str:
+    """The frame as a markdown table, its index the first column; cells through ``number``."""
     header = [index_name or (frame.index.name or "")] + [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for index, row in frame.astype(object).iterrows():  # keeps integer columns integer
         label = " / ".join(map(str, index)) if isinstance(index, tuple) else str(index)
-        lines.append("| " + " | ".join([label] + [_number(v) for v in row]) + " |")
+        lines.append("| " + " | ".join([label] + [number(v) for v in row]) + " |")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """The user-facing model object: load a trained scProto model and apply it to AnnData."""
 
+import os
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,11 @@ from scproto.errors import ScProtoInputError
 from scproto.metacells import decode_prototypes
 from scproto.model.module import ScProtoModule
 from scproto.query import expand_studies, train_new_rows
+from scproto.run.checkpoint import load_checkpoint
+from scproto.run.directory import CHECKPOINT, atomic_path
+from scproto.run.settings import POSITIVE, check_argument, count
+
+MODEL_FILE = "model.ckpt"  # what save() writes into a directory
 
 
 class ScProto:
@@ -43,18 +49,28 @@ class ScProto:
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> "ScProto":
+        """A saved model: a checkpoint file, a directory :meth:`save` wrote, or a run
+        directory (its ``checkpoints/last.ckpt``). Read with ``weights_only``: a file
+        carrying pickled objects is refused."""
         path = Path(path)
-        if not path.is_file():
-            raise ScProtoInputError(f"Checkpoint not found: {path.resolve()}.")
-        try:
-            module = ScProtoModule.load_from_checkpoint(path, map_location=map_location)
-        except Exception as error:  # torch/pickle raise many types for a foreign file
+        if path.is_dir():
+            inside = [path / MODEL_FILE, path / CHECKPOINT]
+            path = next((p for p in inside if p.is_file()), inside[0])
+        checkpoint = load_checkpoint(path)
+        if not checkpoint.get("scproto_registry") or "hyper_parameters" not in checkpoint:
             raise ScProtoInputError(
-                f"{path} could not be read as an scProto checkpoint ({type(error).__name__}: {error})."
+                f"{path} is a checkpoint but not an scProto model's (it has no registry)."
+            )
+        try:
+            module = ScProtoModule(**checkpoint["hyper_parameters"])
+            module.load_state_dict(checkpoint["state_dict"])
+        except (TypeError, RuntimeError, KeyError) as error:
+            raise ScProtoInputError(
+                f"{path} does not match this scproto version's model ({error}); load it with "
+                f"the scproto version that wrote it ({checkpoint['scproto_registry'].get('scproto_version', '?')})."
             ) from error
-        if not module.registry:
-            raise ScProtoInputError(f"{path} is not an scProto checkpoint (it has no registry).")
-        return cls(module)
+        module.on_load_checkpoint(checkpoint)
+        return cls(module.to(map_location))
 
     # ----------------------------------------------------------------- inputs
     @property
@@ -75,8 +91,21 @@ class ScProto:
         """The log-normalised model genes, prepared exactly as for training."""
         check_gene_names(adata.var_names)
         matrix = source_matrix(adata, self.spec.source)
+        if matrix is None:
+            raise ScProtoInputError(
+                "This AnnData has no expression matrix (X is None), so there is nothing to "
+                "embed. A run's embedding.h5ad holds the embedding itself (obsm['X_scproto']); "
+                "give the expression data the model should embed."
+            )
         check_expression(matrix, where="X", expect_counts=False)
-        if looks_like_counts(matrix) != self.spec.is_counts:
+        kind = looks_like_counts(matrix)
+        if kind is None:
+            warnings.warn(
+                "every sampled cell of X is all-zero: these cells carry no expression, and "
+                "their embedding says only which study they come from",
+                stacklevel=2,
+            )
+        elif kind != self.spec.is_counts:
             trained, given = (
                 ("raw counts", "log") if self.spec.is_counts else ("log-normalised", "count")
             )
@@ -99,17 +128,28 @@ class ScProto:
         )
 
     # ----------------------------------------------------------------- persistence
-    def save(self, path: str | Path) -> None:
-        """A checkpoint that :meth:`load` reads (the same format Lightning writes)."""
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a checkpoint that :meth:`load` reads (the format Lightning writes, plain
+        data only); a directory gets ``model.ckpt`` inside. Returns the file written.
+
+        >>> model.save("my_model/")                # my_model/model.ckpt
+        >>> ScProto.load("my_model/")
+        """
+        as_directory = str(path).endswith(("/", os.sep))  # Path() drops the trailing slash
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir() or as_directory:
+            path = path / MODEL_FILE
+        if path.exists() and not overwrite:
+            raise ScProtoInputError(f"{path} exists; pass overwrite=True to replace it.")
         checkpoint = {
             "state_dict": self.module.state_dict(),
             "hyper_parameters": dict(self.module.hparams),
             "pytorch-lightning_version": pl.__version__,
             "scproto_registry": self.registry,
         }
-        torch.save(checkpoint, path)
+        with atomic_path(path) as temporary:
+            torch.save(checkpoint, temporary)
+        return path
 
     # ----------------------------------------------------------------- query mapping
     def map_query(
@@ -129,6 +169,9 @@ class ScProto:
         >>> mapped = model.map_query(query_adata, epochs=100)
         >>> query_adata.obsm["X_scproto"] = mapped.get_latent(query_adata)
         """
+        check_argument("epochs", epochs, count(0))
+        check_argument("lr", lr, POSITIVE)
+        check_argument("batch_size", batch_size, count(1))
         key = self.registry["batch_key"]
         self.study_codes(adata)  # checks the key
         studies = pd.unique(adata.obs[key].astype(str))
@@ -165,6 +208,7 @@ class ScProto:
     @torch.no_grad()
     def latent_of(self, x: sp.csr_matrix, study: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """μ for rows of a prepared model-input matrix (see :meth:`model_input`)."""
+        check_argument("batch_size", batch_size, count(1))
         device = self.module.device
         parts = []
         for start in range(0, x.shape[0], batch_size):

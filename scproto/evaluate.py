@@ -13,10 +13,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scproto.api import ScProto
+from scproto.data.io import without_empty_cells_and_genes
 from scproto.errors import ScProtoInputError
 from scproto.evaluation import evaluate, read_run, write_metrics
 from scproto.evaluation.pipeline import is_evaluation_key
-from scproto.train import CONFIG_DIR, exit_with_message, headline, load_data
+from scproto.run.hydra import exit_with_message
+from scproto.train import CONFIG_DIR, headline, load_data
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ def evaluate_run(
         with open_dict(cfg):
             cfg.data.path = data_path
     model = ScProto.load(run_dir / "checkpoints" / "last.ckpt")
-    adata = load_data(cfg.data)
+    # the cells the run kept: all-zero ones dropped, names made unique, as in training
+    adata = without_empty_cells_and_genes(load_data(cfg.data), min_genes=1)
     inputs = read_run(
         run_dir, model.model_input(adata), n_pcs=eval_cfg.pca_components, seed=cfg.seed
     )

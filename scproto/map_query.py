@@ -12,18 +12,27 @@ from scproto.api import ScProto
 from scproto.data.io import read_h5ad
 from scproto.errors import ScProtoInputError
 from scproto.outputs import embedding_anndata
-from scproto.train import CONFIG_DIR, exit_with_message, prepare_run_dir
+from scproto.run.directory import (
+    MAP_QUERY_OUTPUTS,
+    MAPPED_CHECKPOINT,
+    RunDirectory,
+    atomic_path,
+    refuse_training_run,
+)
+from scproto.run.hydra import exit_with_message
+from scproto.run.settings import CONFIG_DIR
 
 log = logging.getLogger(__name__)
-OUTPUT_NAMES = ("embedding.h5ad", "checkpoints/mapped.ckpt")
 
 
 def map_file(cfg: DictConfig) -> Path:
     """Map ``cfg.data.path`` onto ``cfg.ckpt``; returns the run directory it wrote."""
     if not cfg.ckpt or not cfg.data.path:
         raise ScProtoInputError("Give both the model and the data: ckpt=... data.path=...")
-    run_dir = Path(cfg.paths.output_dir)
-    prepare_run_dir(run_dir, cfg.overwrite, names=OUTPUT_NAMES)
+    refuse_training_run(Path(cfg.paths.output_dir))
+    directory = RunDirectory.open(
+        cfg.paths.output_dir, outputs=MAP_QUERY_OUTPUTS, overwrite=cfg.overwrite
+    )
     model = ScProto.load(cfg.ckpt)
     adata = read_h5ad(cfg.data.path)
     known = set(model.studies)
@@ -35,13 +44,28 @@ def map_file(cfg: DictConfig) -> Path:
     split = np.where(np.isin(studies, list(known)), "reference", "query")
     new_studies = sorted(set(studies) - known)
     embedding = embedding_anndata(mapped, adata.obs, split, latent, query_studies=new_studies)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    embedding.write_h5ad(run_dir / "embedding.h5ad")
-    mapped.save(run_dir / "checkpoints" / "mapped.ckpt")
-    log.info(
-        "mapped %s onto %s in %d epochs; outputs in %s", new_studies, cfg.ckpt, cfg.epochs, run_dir
-    )
-    return run_dir
+    run_dir = directory.write_dir
+    with atomic_path(run_dir / "embedding.h5ad") as path:
+        embedding.write_h5ad(path)
+    mapped.save(run_dir / MAPPED_CHECKPOINT, overwrite=True)
+    directory.commit()
+    if new_studies:
+        log.info(
+            "mapped %s onto %s in %d epochs; outputs in %s",
+            new_studies,
+            cfg.ckpt,
+            cfg.epochs,
+            directory.final_dir,
+        )
+    else:
+        log.info(
+            "every study of %s is known to %s: nothing was trained, the cells are embedded "
+            "with their own studies' rows; outputs in %s",
+            cfg.data.path,
+            cfg.ckpt,
+            directory.final_dir,
+        )
+    return directory.final_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="map_query")

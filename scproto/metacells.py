@@ -1,6 +1,7 @@
 """Metacells: prototypes decoded into batch-free expression profiles, and the prototype
 table that makes them interpretable (size, labels, purity, study mix, fidelity)."""
 
+import logging
 from collections.abc import Sequence
 
 import anndata as ad
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from scproto.model.module import ScProtoModule
+
+log = logging.getLogger(__name__)
 
 
 def decoding_scale(latent: np.ndarray, prototype: np.ndarray, n_prototypes: int) -> np.ndarray:
@@ -80,6 +83,23 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a * b).sum(1) / denominator
 
 
+def study_columns(studies: Sequence[str]) -> list[str]:
+    """``n_<study>`` column names that anndata writes: '/' (an HDF5 path separator)
+    becomes '_', and names that then collide get a numeric suffix."""
+    columns: list[str] = []
+    for study in map(str, studies):
+        column = base = f"n_{study.replace('/', '_')}"
+        suffix = 1
+        while column in columns:
+            suffix += 1
+            column = f"{base}_{suffix}"
+        columns.append(column)
+    renamed = {s: c for s, c in zip(map(str, studies), columns, strict=True) if c != f"n_{s}"}
+    if renamed:
+        log.warning("metacell columns of studies whose names anndata cannot store: %s", renamed)
+    return columns
+
+
 def metacells(
     module: ScProtoModule,
     *,
@@ -118,8 +138,8 @@ def metacells(
     composition = pd.crosstab(
         pd.Categorical(prototype, categories=range(n_prototypes)), studies, dropna=False
     )
-    for study in composition.columns:
-        obs[f"n_{study}"] = composition[study].to_numpy()
+    for study, column in zip(composition.columns, study_columns(composition.columns), strict=True):
+        obs[column] = composition[study].to_numpy()
     share = composition.to_numpy() / np.maximum(size, 1)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.nansum(np.where(share > 0, share * np.log(share), 0.0), axis=1)

@@ -1,8 +1,7 @@
 """`train(cfg)`: build data and model from a composed config, fit, write the run's outputs."""
 
+import copy
 import logging
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ import hydra
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import scproto
@@ -26,53 +24,20 @@ from scproto.evaluation.pipeline import OUTPUT_FILES
 from scproto.metacells import metacells
 from scproto.model.module import ScProtoModule
 from scproto.outputs import embedding_anndata
+from scproto.run.checkpoint import (
+    EpochCheckpoint,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from scproto.run.directory import CHECKPOINT, MODEL_OUTPUTS, RunDirectory, atomic_path
+from scproto.run.hydra import exit_with_message
+from scproto.run.settings import CONFIG_DIR, validate_config
 from scproto.tracking import finish_wandb, log_config, log_results
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-OUTPUT_NAMES = (
-    "checkpoints/last.ckpt",
-    "embedding.h5ad",
-    "prototypes.npy",
-    "metacells.h5ad",
-    *OUTPUT_FILES,
-    "figures",
-)
-
-
-# Settings with a fixed set of values, checked before any data is read.
-CHOICES = {
-    "model.likelihood": ("mse", "nb"),
-    "data.neighbor_weighting": ("uniform", "distance"),
-    "data.hvg_flavor": ("seurat", "seurat_v3", "cell_ranger"),
-    "loss.group_by": ("anchor", "majority"),
-    "optimizer.name": ("lars", "adam"),
-    "data.source": ("synthetic", "h5ad"),
-}
-MINIMA = {"data.batch_size": 1, "data.n_views": 2, "data.n_neighbors": 1, "model.n_prototypes": 2}
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Fail on a mistyped setting at once, not after minutes of preprocessing."""
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ScProtoInputError(
-                f"`{key}={value}` is not valid; choose one of {', '.join(allowed)}."
-            )
-    target = cfg.get("optimized_metric")
-    if target and not str(target).startswith("train/") and not cfg.eval.enabled:
-        raise ScProtoInputError(
-            f"optimized_metric={target} comes from the evaluation, which eval=none turns off; "
-            "use eval=fast or eval=full, or a train/ metric."
-        )
-    for key, minimum in MINIMA.items():
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or value < minimum:
-            raise ScProtoInputError(
-                f"`{key}={value}` is not valid; it must be an integer ≥ {minimum}."
-            )
+TRAIN_OUTPUTS = (*MODEL_OUTPUTS, *OUTPUT_FILES, "figures")
 
 
 def load_data(data_cfg: DictConfig) -> ad.AnnData:
@@ -121,43 +86,12 @@ def build_module(cfg: DictConfig, datamodule: ScProtoDataModule) -> ScProtoModul
     )
 
 
-def build_trainer(cfg: DictConfig) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    """The configured Trainer, always with the per-epoch checkpoint that resuming needs."""
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks.append(EpochCheckpoint(run_dir / "checkpoints"))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool, names: tuple[str, ...] = OUTPUT_NAMES) -> None:
-    """Refuse a directory holding the outputs ``names``, or clear them when ``overwrite``."""
-    existing = [name for name in names if (run_dir / name).exists()]
-    if existing and not overwrite:
-        raise ScProtoInputError(
-            f"{run_dir} already holds the outputs of a run ({', '.join(existing)}). Choose another "
-            "hydra.run.dir, or pass overwrite=true to replace them."
-        )
-    if existing:  # asked to: start clean, so no file of the old run survives beside the new
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        for name in names:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-class RefuseOverwrite(Callback):
-    """Hydra callback: refuse a run directory holding outputs before Hydra writes its
-    `.hydra/` record into it (that happens before the task function runs)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.get("overwrite", False):
-            return  # train() clears the old outputs
-        try:
-            prepare_run_dir(Path(config.hydra.run.dir), overwrite=False)
-        except ScProtoInputError as error:
-            exit_with_message(error)
-
-
-def exit_with_message(error: ScProtoInputError) -> None:
-    print(f"\nscproto: error: {error}", file=sys.stderr)
-    sys.exit(2)
 
 
 def reference_labels(datamodule: ScProtoDataModule) -> np.ndarray | None:
@@ -224,24 +158,47 @@ def headline(metrics: dict[str, Any]) -> str:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit scProto as configured; returns (metrics, objects) and writes the run directory."""
+    """Fit scProto as configured; returns (metrics, objects) and writes the run directory.
+
+    Settings and the run directory are checked before any data is read. With
+    ``ckpt_path`` the run resumes that checkpoint's training; with ``overwrite=true`` over
+    an earlier run, the new outputs replace the old ones only once they are all written.
+    """
     validate_config(cfg)
-    run_dir = Path(cfg.paths.output_dir)
-    prepare_run_dir(run_dir, cfg.get("overwrite", False))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    directory = RunDirectory.open(
+        cfg.paths.output_dir,
+        outputs=TRAIN_OUTPUTS,
+        overwrite=cfg.overwrite,
+        resume=cfg.get("ckpt_path"),
+    )
+    if str(directory.write_dir) != str(cfg.paths.output_dir):  # the API path, overwriting
+        cfg = copy.deepcopy(cfg)
+        cfg.paths.output_dir = str(directory.write_dir)  # loggers write there too
     pl.seed_everything(cfg.seed, workers=True)
 
-    adata = load_data(cfg.data)
-    datamodule = build_datamodule(cfg, adata)
-    datamodule.setup("fit")
-    module = build_module(cfg, datamodule)
-    trainer = build_trainer(cfg)
     try:
-        metrics, objects = fit_and_write(cfg, run_dir, datamodule, module, trainer)
+        adata = load_data(cfg.data)
+        datamodule = build_datamodule(cfg, adata)
+        datamodule.setup("fit")
+        module = build_module(cfg, datamodule)
+        if cfg.get("ckpt_path"):
+            check_resumable(load_checkpoint(cfg.ckpt_path), module, Path(cfg.ckpt_path))
+        trainer = build_trainer(cfg, directory.write_dir)
+        metrics, objects = fit_and_write(cfg, directory.write_dir, datamodule, module, trainer)
     except BaseException:
         finish_wandb(exit_code=1)  # closed also on a crash, so a sweep's next job starts clean
+        if directory.staged:
+            log.error(
+                "this run failed; %s still holds the previous run, unchanged. This run's log "
+                "and files are in %s.",
+                directory.final_dir,
+                directory.write_dir,
+            )
         raise
     finish_wandb(exit_code=0)
+    if objects["trainer"].is_global_zero:
+        directory.commit()
+        log.info("outputs in %s", directory.final_dir)
     return metrics, objects
 
 
@@ -255,10 +212,10 @@ def fit_and_write(
     """Fit, then (on rank 0 only) map the query studies, describe, save and evaluate."""
     log_config(trainer, cfg)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     train_seconds = time.perf_counter() - start
     # The final state, whatever the checkpoint callback did (fast_dev_run disables it).
-    trainer.save_checkpoint(run_dir / "checkpoints/last.ckpt")
+    save_checkpoint(trainer, run_dir / CHECKPOINT)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if not trainer.is_global_zero:  # DDP: the run's files and evaluation are rank 0's
         return metrics, {"trainer": trainer, "datamodule": datamodule}
@@ -281,20 +238,23 @@ def fit_and_write(
     labels = reference_labels(datamodule)
     table = describe_prototypes(model, datamodule, latent, prototype, labels)
     model.registry["label_uncertainty_threshold"] = cfg.label_transfer.uncertainty_threshold
-    model.save(run_dir / "checkpoints/last.ckpt")  # the model that wrote the outputs below
-    table.write_h5ad(run_dir / "metacells.h5ad")
-    np.save(run_dir / "prototypes.npy", model.get_prototypes())
+    model.save(run_dir / CHECKPOINT, overwrite=True)  # the model that wrote the outputs below
+    with atomic_path(run_dir / "metacells.h5ad") as path:
+        table.write_h5ad(path)
+    with atomic_path(run_dir / "prototypes.npy") as path:
+        np.save(path, model.get_prototypes())
     split = np.where(datamodule.is_reference, "reference", "query")
     embedding = embedding_anndata(
         model, datamodule.adata.obs, split, latent, query_studies=datamodule.query_studies
     )
-    embedding.write_h5ad(run_dir / "embedding.h5ad")
+    with atomic_path(run_dir / "embedding.h5ad") as path:
+        embedding.write_h5ad(path)
     summary = summarize_metacells(table, labels)
     log.info("metacells: %s", ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in summary.items()))
     metrics |= summary
     metrics["time/train_s"] = train_seconds
     metrics["time/data_setup_s"] = sum(datamodule.timings.values())
-    log.info("training took %.1f s; outputs in %s", train_seconds, run_dir)
+    log.info("training took %.1f s", train_seconds)
     if cfg.eval.enabled:
         inputs = read_run(run_dir, datamodule.x, n_pcs=cfg.eval.pca_components, seed=cfg.seed)
         metrics |= evaluate(inputs, cfg.eval, run_dir, seed=cfg.seed, title=cfg.task_name)

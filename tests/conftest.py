@@ -27,6 +27,10 @@ FAST = [
 ]
 
 
+# Genes of small_adata with any expression: the run drops the all-zero ones.
+N_EXPRESSED_GENES = 474
+
+
 @pytest.fixture(scope="session")
 def small_adata() -> ad.AnnData:
     """1,500 cells × 500 genes, 4 studies (study_3 the query), raw counts in X."""

@@ -48,8 +48,73 @@ def test_missing_study_key(model, small_adata):
         model.get_latent(small_adata[:, :].copy().__class__(small_adata.X, var=small_adata.var))
 
 
-def test_not_a_checkpoint(tmp_path):
-    path = tmp_path / "model.ckpt"
+def test_a_foreign_file_is_named_without_torch_advice(tmp_path):
+    path = tmp_path / "notes.ckpt"
     path.write_text("not a checkpoint")
-    with pytest.raises(ScProtoInputError, match="could not be read as an scProto checkpoint"):
+    with pytest.raises(ScProtoInputError, match="is not a readable checkpoint") as caught:
         ScProto.load(path)
+    assert "weights_only" not in str(caught.value)
+
+
+def test_all_zero_query_cells_are_not_called_log_data(model, small_adata):
+    adata = small_adata[:50].copy()
+    adata.X = sp.csr_matrix(adata.X.shape, dtype=np.float32)
+    with pytest.warns(UserWarning, match="all-zero"):
+        assert model.get_latent(adata).shape == (50, 8)
+
+
+def test_an_anndata_without_x_is_named(model, small_adata):
+    import anndata as ad
+
+    embedding_only = ad.AnnData(obs=small_adata.obs.copy(), var=small_adata.var.copy())
+    with pytest.raises(ScProtoInputError, match="no expression matrix \\(X is None\\)"):
+        model.get_latent(embedding_only)
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda m, a: m.map_query(a, epochs=-1), "epochs=-1 is not valid"),
+        (lambda m, a: m.map_query(a, lr=0.0), "lr=0.0 is not valid"),
+        (lambda m, a: m.map_query(a, batch_size=0), "batch_size=0 is not valid"),
+        (lambda m, a: m.get_latent(a, batch_size=0), "batch_size=0 is not valid"),
+    ],
+)
+def test_bad_arguments_are_named(model, small_adata, call, words):
+    with pytest.raises(ScProtoInputError, match=words):
+        call(model, small_adata)
+
+
+def test_save_into_a_directory_and_load_it_back(model, small_adata, tmp_path):
+    assert model.save(tmp_path / "file.ckpt") == tmp_path / "file.ckpt"
+    (tmp_path / "dir").mkdir()
+    assert model.save(tmp_path / "dir") == tmp_path / "dir" / "model.ckpt"
+    assert model.save(f"{tmp_path / 'new'}/") == tmp_path / "new" / "model.ckpt"
+    reloaded = ScProto.load(tmp_path / "dir")
+    np.testing.assert_array_equal(reloaded.get_latent(small_adata), model.get_latent(small_adata))
+    with pytest.raises(ScProtoInputError, match="exists; pass overwrite=True"):
+        model.save(tmp_path / "dir")
+    model.save(tmp_path / "dir", overwrite=True)
+
+
+def test_mapping_nothing_new_says_so(model, small_adata, tmp_path, caplog):
+    import logging
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from scproto.map_query import map_file
+    from scproto.train import CONFIG_DIR
+
+    model.save(tmp_path / "model.ckpt")
+    small_adata.write_h5ad(tmp_path / "known.h5ad")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="map_query",
+            overrides=[f"ckpt={tmp_path / 'model.ckpt'}", f"data.path={tmp_path / 'known.h5ad'}"],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "mapped")
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="nothing to map"):
+        map_file(cfg)
+    assert "nothing was trained" in caplog.text and "mapped []" not in caplog.text

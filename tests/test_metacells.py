@@ -8,7 +8,7 @@ import pytest
 from scproto import ScProto
 from scproto.metacells import decoding_scale, majority, pearson_rows, top_similar_labels
 from scproto.train import train
-from tests.conftest import compose_config
+from tests.conftest import N_EXPRESSED_GENES, compose_config
 
 
 def test_decoding_scale_is_the_mean_norm_of_assigned_cells():
@@ -48,7 +48,7 @@ def run(tmp_path_factory):
 def test_run_writes_metacells_with_their_table(run):
     path, _ = run
     table = ad.read_h5ad(path / "metacells.h5ad")
-    assert table.shape == (20, 500)
+    assert table.shape == (20, N_EXPRESSED_GENES)
     assert "normalized" in table.layers
     np.testing.assert_allclose(table.layers["normalized"], np.expm1(table.X), rtol=1e-5, atol=1e-5)
     obs = table.obs

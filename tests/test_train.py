@@ -11,7 +11,7 @@ import scanpy as sc
 
 from scproto import ScProto, ScProtoInputError
 from scproto.train import CONFIG_DIR, train
-from tests.conftest import SHARED_DATA, run_train_cli
+from tests.conftest import N_EXPRESSED_GENES, SHARED_DATA, run_train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_save_load_gives_the_identical_embedding(make_config, tmp_path, small_ad
         model.get_prototypes(), np.load(tmp_path / "run" / "prototypes.npy")
     )
     assert model.registry["studies"] == ["study_0", "study_1", "study_2", "study_3"]  # query mapped
-    assert len(model.registry["input_spec"]["genes"]) == 500
+    assert len(model.registry["input_spec"]["genes"]) == N_EXPRESSED_GENES
     assert model.registry["scproto_version"]
 
 

@@ -9,10 +9,16 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import scipy.sparse as sp
+import torch
 from torch.utils.data import DataLoader
 
 from scproto.data import knn
-from scproto.data.io import matrix_values, validate_anndata
+from scproto.data.io import (
+    check_gene_names,
+    matrix_values,
+    validate_anndata,
+    without_empty_cells_and_genes,
+)
 from scproto.data.preprocess import (
     InputSpec,
     as_csr32,
@@ -45,6 +51,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         counts_layer: str | None = None,
         query_studies: Sequence[str] = (),
         n_top_genes: int = 4000,
+        min_genes: int = 50,
         hvg_flavor: str = "seurat",
         target_sum: float = 1e4,
         n_pcs: int = 50,
@@ -62,6 +69,14 @@ class ScProtoDataModule(pl.LightningDataModule):
         seed: int = 31,
     ) -> None:
         super().__init__()
+        check_gene_names(adata.var_names)
+        adata = without_empty_cells_and_genes(adata, min_genes=min_genes)
+        if n_top_genes > adata.n_vars:
+            log.warning(
+                "data.n_top_genes=%d exceeds the %d genes with expression: all of them are used",
+                n_top_genes,
+                adata.n_vars,
+            )
         self.adata = adata
         self.batch_key, self.label_key = batch_key, label_key
         self.counts_layer = counts_layer
@@ -105,7 +120,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         if self._prepared:
             return
         adata, reference = self.adata, self.is_reference
-        is_counts = looks_like_counts(adata.X)
+        is_counts = bool(looks_like_counts(adata.X))
         largest = float(matrix_values(adata.X).max(initial=0))
         if not is_counts and largest > 30:
             log.warning(
@@ -240,6 +255,9 @@ class ScProtoDataModule(pl.LightningDataModule):
             rows,
             batch_sampler=sampler,
             collate_fn=identity_collate,
+            # Its own generator: the loader then draws nothing from the global stream, whose
+            # state at an epoch's end is what a resumed run starts the next epoch from.
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

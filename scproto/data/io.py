@@ -1,5 +1,6 @@
 """Reading AnnData and checking it at the boundary, with messages that say what to do."""
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ import scipy.sparse as sp
 
 from scproto.errors import ScProtoInputError
 
+log = logging.getLogger(__name__)
+
 # Where users get the paper's files; these machines cannot download them.
 KNOWN_DOWNLOADS = {
     "Immune_ALL_human.h5ad": "https://figshare.com/ndownloader/files/25717328",
@@ -21,6 +24,12 @@ KNOWN_DOWNLOADS = {
 def read_h5ad(path: str | Path) -> ad.AnnData:
     """Read an .h5ad file, with a message naming the path (and the download) if it is missing."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.h5ad"))[:5]
+        listing = f" It holds {', '.join(found)}." if found else " It holds no .h5ad file."
+        raise ScProtoInputError(
+            f"`data.path={path}` is a directory; give the .h5ad file itself.{listing}"
+        )
     if not path.is_file():
         hint = ""
         if path.name in KNOWN_DOWNLOADS:
@@ -153,3 +162,53 @@ def validate_anndata(
             f"obs[{batch_key!r}]: {listing}. Their per-study prototype assignment would be noise: "
             "drop or merge them, or lower `data.min_cells_per_study`."
         )
+
+
+def nonzero_counts(matrix, axis: int) -> np.ndarray:
+    """Non-zero values per row (axis=1) or column (axis=0); stored zeros do not count."""
+    if sp.issparse(matrix):
+        return np.asarray((matrix != 0).sum(axis=axis)).ravel()
+    return np.count_nonzero(np.asarray(matrix), axis=axis)
+
+
+def without_empty_cells_and_genes(adata: ad.AnnData, *, min_genes: int) -> ad.AnnData:
+    """``adata`` less its all-zero cells and genes (a copy, only when there are some), with
+    unique cell names; refused when too little is left to learn from."""
+    if adata.X is None:
+        raise ScProtoInputError("The data has no expression matrix (X is None).")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        return adata  # validate_anndata says it is empty
+    cells, genes = nonzero_counts(adata.X, 1) > 0, nonzero_counts(adata.X, 0) > 0
+    if not cells.any():
+        raise ScProtoInputError(
+            f"Every one of the {adata.n_obs} cells is all-zero in X: there is no expression "
+            "to learn from. Check that X (or data.counts_layer) holds the expression matrix."
+        )
+    if not (cells.all() and genes.all()):
+        log.warning(
+            "dropped %d all-zero cells (of %d) and %d all-zero genes (of %d): they carry no "
+            "expression; %d × %d remain",
+            (~cells).sum(),
+            adata.n_obs,
+            (~genes).sum(),
+            adata.n_vars,
+            cells.sum(),
+            genes.sum(),
+        )
+        adata = adata[cells, genes].copy()
+    if adata.n_vars < min_genes:
+        raise ScProtoInputError(
+            f"The data has {adata.n_vars} genes with any expression, fewer than data.min_genes="
+            f"{min_genes}: too few to learn cell states from. Give the full gene panel, or lower "
+            "`data.min_genes` for a targeted panel."
+        )
+    duplicated = adata.obs_names[adata.obs_names.duplicated()]
+    if len(duplicated):
+        adata.obs_names_make_unique()
+        log.warning(
+            "%d cell names occur more than once (e.g. %r); made unique by appending -1, -2, … "
+            "(the outputs use these names)",
+            len(duplicated),
+            duplicated[0],
+        )
+    return adata

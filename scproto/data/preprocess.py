@@ -38,14 +38,16 @@ class InputSpec:
         return cls(**{**data, "genes": tuple(data["genes"])})
 
 
-def looks_like_counts(matrix, n_rows: int = 2_000) -> bool:
-    """True when the stored values are whole numbers (raw counts), False for log data.
+def looks_like_counts(matrix, n_rows: int = 2_000) -> bool | None:
+    """True when the stored values are whole numbers (raw counts), False for log data,
+    None when the rows looked at hold no non-zero value to tell by.
 
     Looks at rows spread over the whole matrix: atlases are concatenations of studies.
     """
     rows = np.unique(np.linspace(0, matrix.shape[0] - 1, min(n_rows, matrix.shape[0])).astype(int))
     values = matrix_values(matrix[rows])
-    return values.size > 0 and is_whole(values)
+    values = values[values != 0]
+    return is_whole(values) if values.size else None
 
 
 def as_csr32(matrix) -> sp.csr_matrix:

@@ -16,6 +16,8 @@ import pandas as pd
 import scanpy as sc
 from matplotlib.lines import Line2D
 
+from scproto.run.directory import atomic_path
+
 DPI = 150
 LOSS_PANEL_ORDER = [
     f"train/{name}"
@@ -159,7 +161,8 @@ def plot_umap_prototypes(
         f"similar cell); {n_empty} empty not shown"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=DPI)
     plt.close(fig)
 
 
@@ -216,7 +219,8 @@ def plot_marker_scatter(
     axes[0].set_ylabel(f"{y_gene} (log-normalised)")
     fig.suptitle(f"marker task {task_name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=DPI)
     plt.close(fig)
 
 
@@ -243,7 +247,8 @@ def plot_f1_bars(scores: Mapping[str, Mapping[str, float]], path: Path) -> None:
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1), title="features")
     ax.set_title("marker-gene classification")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=DPI)
     plt.close(fig)
 
 
@@ -268,5 +273,6 @@ def plot_loss_curves(history: pd.DataFrame, path: Path) -> None:
         ax.set_visible(False)
     fig.suptitle("training curves")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=DPI)
     plt.close(fig)

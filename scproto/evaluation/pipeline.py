@@ -19,6 +19,7 @@ from scproto.evaluation.markers import MarkerTask, marker_task_scores
 from scproto.evaluation.report import write_report
 from scproto.evaluation.scgraph import batch_reference, scgraph_scores
 from scproto.evaluation.scib import scib_scores, skip_reason, use_jax_platform
+from scproto.run.directory import atomic_path
 from scproto.timing import timed
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,8 @@ def evaluate(
     write_report(evaluation, out_dir / "report.md", title=title, n_all=n_all)
     for name in RESULT_TABLES:
         if name in evaluation.tables:
-            evaluation.tables[name].to_csv(out_dir / f"{name}.csv")
+            with atomic_path(out_dir / f"{name}.csv") as path:
+                evaluation.tables[name].to_csv(path)
     return evaluation.metrics
 
 
@@ -302,4 +304,5 @@ def write_metrics(metrics: dict[str, Any], path: Path) -> None:
         key: (None if isinstance(value, float) and not np.isfinite(value) else value)
         for key, value in sorted(metrics.items())
     }
-    path.write_text(json.dumps(clean, indent=2) + "\n")
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(clean, indent=2) + "\n")

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from scproto.run.directory import atomic_path
+
 if TYPE_CHECKING:
     from scproto.evaluation.pipeline import Evaluation
 
@@ -124,4 +126,5 @@ def write_report(evaluation: "Evaluation", path: Path, *, title: str, n_all: int
         lines += ["## Skipped", ""] + [f"- **{k}**: {v}" for k, v in skipped.items()] + [""]
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in evaluation.timings.items())
     lines += [f"Evaluation took {metrics['time/eval_s']:.1f} s ({timings}).", ""]
-    path.write_text("\n".join(lines))
+    with atomic_path(path) as temporary:
+        temporary.write_text("\n".join(lines))

@@ -186,3 +186,10 @@ def test_lineages_separate_and_subtypes_are_subtler_within_a_study(adata):
 def test_invalid_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_synthetic(**kwargs)
+
+
+def test_the_test_data_has_the_expressed_gene_count_the_tests_expect(small_adata):
+    from scproto.data.io import nonzero_counts
+    from tests.conftest import N_EXPRESSED_GENES
+
+    assert int((nonzero_counts(small_adata.X, 0) > 0).sum()) == N_EXPRESSED_GENES

@@ -1,0 +1,85 @@
+"""What the command-line entry points share: the run-directory guard Hydra calls before
+it writes anything, and how a user mistake ends (one message, exit code 2)."""
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict, read_write
+
+from scproto.errors import ScProtoInputError
+from scproto.run.directory import (
+    MAP_QUERY_OUTPUTS,
+    STAGING,
+    check_writable,
+    existing_outputs,
+    fresh_staging,
+    refusal,
+    refuse_training_run,
+)
+
+
+class GuardRunDirectory(Callback):
+    """Hydra callback, run before Hydra writes its ``.hydra/`` record and log file into
+    ``hydra.run.dir``: refuse a directory whose outputs would be replaced (or, for
+    ``map_query``, any training run's directory), check it is writable, and point an
+    ``overwrite=true`` run at ``.overwrite/`` so the old run stays whole until the new one
+    has finished."""
+
+    def __init__(self, task: str = "train") -> None:
+        self.task = task
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self.guard(config)
+        except ScProtoInputError as error:
+            exit_with_message(error)
+
+    def guard(self, config: DictConfig) -> None:
+        directory = Path(config.hydra.run.dir)
+        check_writable(directory)
+        if directory.name == STAGING:  # resuming an interrupted overwriting run
+            return
+        if self.task == "map_query":
+            outputs, resume = MAP_QUERY_OUTPUTS, None
+            refuse_training_run(directory)
+        else:
+            from scproto.train import TRAIN_OUTPUTS  # the evaluation's files included
+
+            outputs, resume = TRAIN_OUTPUTS, config.get("ckpt_path")
+        found = existing_outputs(directory, outputs, resume)
+        if found and not config.get("overwrite", False):
+            raise ScProtoInputError(refusal(directory, found))
+        if found:
+            staging = fresh_staging(directory, Path(resume) if resume else None)
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.run.dir = str(staging)
+
+
+def log_to_files(message: str, level: int = logging.ERROR) -> None:
+    """Write ``message`` to the run's log files only (the console shows it once, on stderr)."""
+    record = logging.LogRecord("scproto", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def exit_with_message(error: ScProtoInputError) -> None:
+    message = f"scproto: error: {error}"
+    log_to_files(message)
+    print(f"\n{message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def train_command(**replace: str) -> str | None:
+    """The `python train.py` command of this Hydra run with ``replace``'s overrides set;
+    None outside a Hydra run (the Python API)."""
+    if not HydraConfig.initialized():
+        return None
+    overrides = HydraConfig.get().overrides.task
+    kept = [o for o in overrides if o.split("=")[0].lstrip("+~") not in replace]
+    return shlex.join(["python", "train.py", *kept, *(f"{k}={v}" for k, v in replace.items())])

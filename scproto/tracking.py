@@ -1,6 +1,7 @@
 """Experiment tracking beyond Lightning's per-step logging: the run's full config, the
 evaluation results and figures at the end, and closing W&B runs also after a crash."""
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ from pytorch_lightning.loggers import WandbLogger
 
 import scproto
 from scproto.evaluation.pipeline import RESULT_TABLES
+from scproto.run.directory import atomic_path
+
+METRICS_LOG = Path("csv") / "metrics.csv"  # logger=csv's per-step log (CSVLogger)
 
 
 def log_config(trainer: pl.Trainer, cfg: DictConfig) -> None:
@@ -53,3 +57,27 @@ def finish_wandb(exit_code: int) -> None:
     wandb = sys.modules.get("wandb")  # never imported: no run can be open
     if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=exit_code)
+
+
+def set_aside_metrics_log(run_dir: Path) -> Path | None:
+    """Move an interrupted run's per-step log out of the way of the resumed run's CSV
+    logger, which deletes an existing metrics.csv when it starts."""
+    path = run_dir / METRICS_LOG
+    if not path.is_file():
+        return None
+    aside = path.with_name("metrics.interrupted.csv")
+    os.replace(path, aside)
+    return aside
+
+
+def join_metrics_log(run_dir: Path, aside: Path, resumed_step: int) -> None:
+    """One metrics.csv for the whole run: the interrupted run's rows before the step the
+    resume started from (later ones were trained again), then the resumed run's."""
+    path = run_dir / METRICS_LOG
+    before = pd.read_csv(aside)
+    parts = [before[before["step"] < resumed_step]]
+    if path.is_file():
+        parts.append(pd.read_csv(path))
+    with atomic_path(path) as temporary:
+        pd.concat(parts, ignore_index=True).to_csv(temporary, index=False)
+    aside.unlink()

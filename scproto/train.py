@@ -33,7 +33,13 @@ from scproto.run.checkpoint import (
 from scproto.run.directory import CHECKPOINT, MODEL_OUTPUTS, RunDirectory, atomic_path
 from scproto.run.hydra import exit_with_message
 from scproto.run.settings import CONFIG_DIR, validate_config
-from scproto.tracking import finish_wandb, log_config, log_results
+from scproto.tracking import (
+    finish_wandb,
+    join_metrics_log,
+    log_config,
+    log_results,
+    set_aside_metrics_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +187,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         datamodule = build_datamodule(cfg, adata)
         datamodule.setup("fit")
         module = build_module(cfg, datamodule)
+        resumed = None
         if cfg.get("ckpt_path"):
-            check_resumable(load_checkpoint(cfg.ckpt_path), module, Path(cfg.ckpt_path))
+            checkpoint = load_checkpoint(cfg.ckpt_path)
+            check_resumable(checkpoint, module, Path(cfg.ckpt_path))
+            resumed = (set_aside_metrics_log(directory.write_dir), checkpoint["global_step"])
         trainer = build_trainer(cfg, directory.write_dir)
-        metrics, objects = fit_and_write(cfg, directory.write_dir, datamodule, module, trainer)
+        metrics, objects = fit_and_write(
+            cfg, directory.write_dir, datamodule, module, trainer, resumed
+        )
     except BaseException:
         finish_wandb(exit_code=1)  # closed also on a crash, so a sweep's next job starts clean
         if directory.staged:
@@ -208,8 +219,12 @@ def fit_and_write(
     datamodule: ScProtoDataModule,
     module: ScProtoModule,
     trainer: pl.Trainer,
+    resumed: tuple[Path | None, int] | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit, then (on rank 0 only) map the query studies, describe, save and evaluate."""
+    """Fit, then (on rank 0 only) map the query studies, describe, save and evaluate.
+
+    ``resumed``: the interrupted run's per-step log set aside, and the step resumed from.
+    """
     log_config(trainer, cfg)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -219,6 +234,8 @@ def fit_and_write(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if not trainer.is_global_zero:  # DDP: the run's files and evaluation are rank 0's
         return metrics, {"trainer": trainer, "datamodule": datamodule}
+    if resumed is not None and resumed[0] is not None:
+        join_metrics_log(run_dir, *resumed)
 
     model = reference_model = ScProto(module)
     if datamodule.query_studies:

@@ -165,10 +165,19 @@ def validate_anndata(
 
 
 def nonzero_counts(matrix, axis: int) -> np.ndarray:
-    """Non-zero values per row (axis=1) or column (axis=0); stored zeros do not count."""
-    if sp.issparse(matrix):
+    """Non-zero values per row (axis=1) or column (axis=0); stored zeros do not count.
+
+    CSR/CSC without stored zeros (the usual case) are counted from their index arrays,
+    without a temporary the size of the matrix.
+    """
+    if not sp.issparse(matrix):
+        return np.count_nonzero(np.asarray(matrix), axis=axis)
+    if matrix.format not in ("csr", "csc") or not np.all(matrix.data):
         return np.asarray((matrix != 0).sum(axis=axis)).ravel()
-    return np.count_nonzero(np.asarray(matrix), axis=axis)
+    along_index = (matrix.format == "csr") == (axis == 0)  # columns of CSR, rows of CSC
+    if along_index:
+        return np.bincount(matrix.indices, minlength=matrix.shape[1 - axis])
+    return np.diff(matrix.indptr)
 
 
 def without_empty_cells_and_genes(adata: ad.AnnData, *, min_genes: int) -> ad.AnnData:

@@ -94,3 +94,21 @@ def test_a_directory_as_data_path_is_named(tmp_path):
         match=r"is a directory; give the \.h5ad file itself\. It holds atlas\.h5ad",
     ):
         read_h5ad(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo", "dense"])
+@pytest.mark.parametrize("stored_zeros", [False, True])
+def test_nonzero_counts_match_numpy_in_every_format(fmt, stored_zeros):
+    from scproto.data.io import nonzero_counts
+
+    rng = np.random.default_rng(0)
+    dense = rng.random((30, 20)) * (rng.random((30, 20)) < 0.3)
+    matrix = sp.csr_matrix(dense)
+    if stored_zeros:
+        matrix.data[:5] = 0  # explicit zeros must not count
+    expected = matrix.toarray()
+    matrix = matrix.toarray() if fmt == "dense" else matrix.asformat(fmt)
+    for axis in (0, 1):
+        np.testing.assert_array_equal(
+            nonzero_counts(matrix, axis), np.count_nonzero(expected, axis=axis)
+        )

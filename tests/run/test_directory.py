@@ -100,3 +100,20 @@ def test_a_read_only_directory_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # root ignores chmod
     with pytest.raises(ScProtoInputError, match="is not writable \\(Permission denied\\)"):
         check_writable(tmp_path / "run")
+
+
+def test_train_checks_the_run_directory_before_reading_any_data(make_config, monkeypatch):
+    import tempfile
+
+    import scproto.train as training
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read before the run directory was checked")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(training, "load_data", never)
+    with pytest.raises(ScProtoInputError, match="is not writable"):
+        training.train(make_config())

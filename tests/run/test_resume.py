@@ -8,6 +8,7 @@ import time
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -63,10 +64,11 @@ def test_last_ckpt_is_written_after_every_epoch(make_config, monkeypatch, tmp_pa
 def test_ctrl_c_says_how_to_resume_and_the_resumed_run_equals_the_uninterrupted(
     make_config, monkeypatch, tmp_path, caplog
 ):
-    training.train(make_config(*EPOCHS, run_dir=tmp_path / "full"))
+    settings = [*EPOCHS, "logger=csv"]
+    training.train(make_config(*settings, run_dir=tmp_path / "full"))
     with_callback(monkeypatch, InterruptAt(2, KeyboardInterrupt()))
     with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
-        training.train(make_config(*EPOCHS, run_dir=tmp_path / "cut"))
+        training.train(make_config(*settings, run_dir=tmp_path / "cut"))
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     assert f"Interrupted in epoch 3 of 5. {last} holds the model after epoch 3" in caplog.text
     assert f"ckpt_path={last}" in caplog.text
@@ -74,8 +76,16 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_equals_the_uninterrupted(
     assert not (tmp_path / "cut" / "embedding.h5ad").exists()
 
     monkeypatch.undo()
-    training.train(make_config(*EPOCHS, f"ckpt_path={last}", run_dir=tmp_path / "cut"))
+    training.train(make_config(*settings, f"ckpt_path={last}", run_dir=tmp_path / "cut"))
     np.testing.assert_array_equal(embedding(tmp_path / "cut"), embedding(tmp_path / "full"))
+    # one per-step log for the whole run, as the uninterrupted run's
+    losses = [
+        pd.read_csv(run / "csv" / "metrics.csv").dropna(subset=["train/loss"])
+        for run in (tmp_path / "full", tmp_path / "cut")
+    ]
+    pd.testing.assert_frame_equal(
+        *(f[["step", "train/loss"]].reset_index(drop=True) for f in losses)
+    )
 
 
 def test_resume_with_other_settings_is_refused(make_config, monkeypatch, tmp_path):

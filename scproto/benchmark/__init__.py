@@ -1,0 +1,1 @@
+"""Table 1: scProto beside PCA, Harmony, scVI and scPoli on the same data (benchmark.py)."""

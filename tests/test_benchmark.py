@@ -1,0 +1,116 @@
+"""Table 1's harness: shared inputs, scores, the summary table, and a run on tiny data."""
+
+import importlib.util
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from scproto.benchmark.harness import knn_f1, prepare, run_benchmark, summary_table
+from scproto.errors import ScProtoInputError
+from scproto.train import CONFIG_DIR
+from tests.conftest import SMALL_SYNTHETIC
+
+
+def benchmark_config(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="benchmark",
+            overrides=[
+                "debug=default",
+                *SMALL_SYNTHETIC,
+                "trainer.enable_progress_bar=false",
+                "query.epochs=5",
+                "benchmark.seeds=[0]",
+                *overrides,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "bench")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    return cfg
+
+
+def test_prepare_chooses_the_genes_on_the_reference_and_keeps_counts(small_adata):
+    prepared, everything = prepare(
+        small_adata,
+        batch_key="study",
+        counts_layer=None,
+        query_studies=["study_3"],
+        n_top_genes=100,
+    )
+    assert prepared.n_vars == 100 and everything.n_vars == small_adata.n_vars
+    assert set(prepared.obs["split"]) == {"reference", "query"}
+    assert (prepared.obs.loc[prepared.obs["split"] == "query", "study"] == "study_3").all()
+    counts = prepared.layers["counts"].toarray()
+    np.testing.assert_array_equal(counts, np.round(counts))
+    assert prepared.X.max() < 15  # log-normalised
+
+
+def test_prepare_refuses_data_without_counts(small_adata):
+    logged = small_adata.copy()
+    logged.X = np.log1p(logged.X.toarray() * 0.37)
+    with pytest.raises(ScProtoInputError, match="need raw counts"):
+        prepare(logged, batch_key="study", counts_layer=None, query_studies=[], n_top_genes=100)
+
+
+def test_knn_label_transfer_scores_the_query_only():
+    rng = np.random.default_rng(0)
+    labels = pd.Series(np.repeat(["a", "b"], 50))
+    latent = np.where(labels.to_numpy()[:, None] == "a", 0.0, 10.0) + rng.normal(size=(100, 2))
+    is_reference = np.tile([True, False], 50)
+    assert knn_f1(latent, labels, is_reference, k=15) == 1.0
+    assert np.isnan(knn_f1(latent, labels, np.ones(100, bool), k=15))
+
+
+def test_summary_table_gives_mean_and_spread_and_bolds_the_best():
+    table = pd.DataFrame(
+        {
+            "method": ["pca", "pca", "scproto", "scproto"],
+            "seed": [0, 1, 0, 1],
+            "epochs": ["-", "-", "60 + 100", "60 + 100"],
+            "scib/total": [0.40, 0.42, 0.70, 0.74],
+            "time/train_s": [1.0, 1.0, 80.0, 90.0],
+        }
+    )
+    text = summary_table(table)
+    assert "| scproto | 2 | 60 + 100 | **0.720 ± 0.028** | 85.0 ± 7.1 |" in text
+    assert "| pca | 2 | - | 0.410 ± 0.014 | **1.0 ± 0.0** |" in text
+
+
+def test_unknown_methods_are_named(tmp_path):
+    with pytest.raises(ScProtoInputError, match=r"'umap'.*unknown"):
+        run_benchmark(benchmark_config(tmp_path, "benchmark.methods=[pca,umap]"), tmp_path / "b")
+
+
+def test_pca_and_scproto_on_tiny_data_write_table_1(tmp_path):
+    cfg = benchmark_config(tmp_path, "benchmark.methods=[pca,scproto]")
+    out = tmp_path / "bench"
+    table = run_benchmark(cfg, out)
+    assert list(table["method"]) == ["pca", "scproto"]
+    for column in ("scib/total", "scgraph/corr_weighted", "labels/knn_f1_macro", "time/train_s"):
+        assert table[column].notna().all(), column
+    assert np.isfinite(table.loc[table["method"] == "scproto", "labels/prototype_f1_macro"]).all()
+    for name in ("table.csv", "table.md", "table.png", "pca/seed_0.npy", "scproto/seed_0.npy"):
+        assert (out / name).is_file(), name
+    assert np.load(out / "scproto" / "seed_0.npy").shape == (1500, 8)
+    assert "| scproto | 1 | 2 + 5 |" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(p) for p in ("scvi", "scarches", "harmonypy")),
+    reason="needs the benchmark extra: pip install -e '.[benchmark]'",
+)
+def test_every_baseline_runs_on_tiny_data(tmp_path):
+    methods = "benchmark.methods=[harmony,scvi,scvi_arches,scpoli]"
+    cfg = benchmark_config(
+        tmp_path, methods, "benchmark.max_epochs.scvi=3", "benchmark.max_epochs.scvi_arches=3"
+    )
+    with open_dict(cfg):
+        cfg.benchmark.max_epochs.scpoli = 3
+    table = run_benchmark(cfg, tmp_path / "bench")
+    assert set(table["method"]) == {"harmony", "scvi", "scvi_arches", "scpoli"}
+    assert table["scib/total"].notna().all()

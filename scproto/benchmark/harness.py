@@ -32,7 +32,7 @@ from scproto.data.preprocess import (
 )
 from scproto.errors import ScProtoInputError
 from scproto.evaluation.inputs import baseline_pca
-from scproto.evaluation.scgraph import batch_reference, scgraph_scores
+from scproto.evaluation.scgraph import configured_reference, scgraph_scores
 from scproto.evaluation.scib import scib_scores, skip_reason, use_jax_platform
 from scproto.run.directory import atomic_path
 from scproto.run.hydra import exit_with_message
@@ -158,16 +158,7 @@ def score(
             {"batch": batches.astype(str).to_numpy(), "label": labels.astype(str).to_numpy()},
             index=expression.obs_names,
         )
-        reference = batch_reference(
-            expression,
-            "batch",
-            "label",
-            trim=settings.trim,
-            min_batch_cells=settings.min_batch_cells,
-            min_type_cells=settings.min_type_cells,
-            n_top_genes=settings.n_top_genes,
-            n_comps=settings.n_comps,
-        )
+        reference = configured_reference(expression, settings)
         graph = scgraph_scores(embeddings, expression.obs["label"], reference, settings.trim)
         for column in graph.columns:
             rows[f"scgraph/{column}"] = graph[column]

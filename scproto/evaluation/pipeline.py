@@ -17,7 +17,7 @@ from scproto.evaluation.coverage import prototype_coverage
 from scproto.evaluation.inputs import EvaluationInputs, stratified_subsample
 from scproto.evaluation.markers import MarkerTask, marker_task_scores
 from scproto.evaluation.report import write_report
-from scproto.evaluation.scgraph import batch_reference, scgraph_scores
+from scproto.evaluation.scgraph import configured_reference, scgraph_scores
 from scproto.evaluation.scib import scib_scores, skip_reason, use_jax_platform
 from scproto.run.directory import atomic_path
 from scproto.timing import timed
@@ -104,16 +104,7 @@ class Evaluation:
             return self.skip("scgraph", reason)
         expression = _expression_anndata(inputs)
         try:
-            reference = batch_reference(
-                expression,
-                "batch",
-                "label",
-                trim=settings.trim,
-                min_batch_cells=settings.min_batch_cells,
-                min_type_cells=settings.min_type_cells,
-                n_top_genes=settings.n_top_genes,
-                n_comps=settings.n_comps,
-            )
+            reference = configured_reference(expression, settings)
         except ValueError as error:
             return self.skip("scgraph", str(error))
         table = scgraph_scores(self.embeddings(), expression.obs["label"], reference, settings.trim)

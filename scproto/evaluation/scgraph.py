@@ -156,3 +156,18 @@ def scgraph_scores(
         distances = normalized_distances(trimmed_centroids(np.asarray(x), labels, trim, ignore))
         rows[name] = column_scores(distances, reference.distances).mean()
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(SCORE_NAMES))
+
+
+def configured_reference(expression, settings) -> BatchReference:
+    """:func:`batch_reference` of an AnnData with obs 'batch' and 'label', with the
+    ``eval.scgraph`` settings."""
+    return batch_reference(
+        expression,
+        "batch",
+        "label",
+        trim=settings.trim,
+        min_batch_cells=settings.min_batch_cells,
+        min_type_cells=settings.min_type_cells,
+        n_top_genes=settings.n_top_genes,
+        n_comps=settings.n_comps,
+    )

@@ -12,10 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 import scproto
+from scproto.evaluation.inputs import HISTORY
 from scproto.evaluation.pipeline import RESULT_TABLES
 from scproto.run.directory import atomic_path
-
-METRICS_LOG = Path("csv") / "metrics.csv"  # logger=csv's per-step log (CSVLogger)
 
 
 def log_config(trainer: pl.Trainer, cfg: DictConfig) -> None:
@@ -62,7 +61,7 @@ def finish_wandb(exit_code: int) -> None:
 def set_aside_metrics_log(run_dir: Path) -> Path | None:
     """Move an interrupted run's per-step log out of the way of the resumed run's CSV
     logger, which deletes an existing metrics.csv when it starts."""
-    path = run_dir / METRICS_LOG
+    path = run_dir / HISTORY
     if not path.is_file():
         return None
     aside = path.with_name("metrics.interrupted.csv")
@@ -73,7 +72,7 @@ def set_aside_metrics_log(run_dir: Path) -> Path | None:
 def join_metrics_log(run_dir: Path, aside: Path, resumed_step: int) -> None:
     """One metrics.csv for the whole run: the interrupted run's rows before the step the
     resume started from (later ones were trained again), then the resumed run's."""
-    path = run_dir / METRICS_LOG
+    path = run_dir / HISTORY
     before = pd.read_csv(aside)
     parts = [before[before["step"] < resumed_step]]
     if path.is_file():

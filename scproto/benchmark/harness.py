@@ -274,6 +274,7 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
                 seed=int(seed),
                 max_epochs=(settings.max_epochs or {}).get(method),
                 out_dir=method_dir,
+                prepared=prepared_path,
                 scproto_config=cfg if method == "scproto" else None,
             )
             log.info("benchmark: %s, seed %s", method, seed)

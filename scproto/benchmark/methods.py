@@ -37,6 +37,7 @@ class Context:
     seed: int
     max_epochs: int | None
     out_dir: Path
+    prepared: Path  # the shared input as a file (scProto trains from a file, like train.py)
     scproto_config: Any = None  # the composed training config (scProto only)
 
 
@@ -137,11 +138,9 @@ def scproto(data: ad.AnnData, context: Context) -> Embedded:
     from scproto.train import train
 
     cfg = copy.deepcopy(context.scproto_config)
-    path = context.out_dir / "input.h5ad"
-    data.write_h5ad(path)
     with open_dict(cfg):
         cfg.seed = context.seed
-        cfg.data.source, cfg.data.path = "h5ad", str(path)
+        cfg.data.source, cfg.data.path = "h5ad", str(context.prepared)
         cfg.data.synthetic = None
         cfg.data.counts_layer = "counts"
         cfg.data.n_top_genes = data.n_vars  # the shared genes, all of them
@@ -158,7 +157,6 @@ def scproto(data: ad.AnnData, context: Context) -> Embedded:
     extra = {}
     if "predicted_label" in embedding.obs:
         extra["prototype_labels"] = embedding.obs["predicted_label"].astype(str).to_numpy()
-    path.unlink()
     return Embedded(
         embedding.obsm["X_scproto"], f"{cfg.trainer.max_epochs} + {cfg.query.epochs}", extra
     )

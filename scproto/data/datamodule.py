@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 
 from scproto.data import knn
 from scproto.data.io import (
-    check_gene_names,
     matrix_values,
     validate_anndata,
     without_empty_cells_and_genes,
@@ -69,7 +68,6 @@ class ScProtoDataModule(pl.LightningDataModule):
         seed: int = 31,
     ) -> None:
         super().__init__()
-        check_gene_names(adata.var_names)
         adata = without_empty_cells_and_genes(adata, min_genes=min_genes)
         if n_top_genes > adata.n_vars:
             log.warning(

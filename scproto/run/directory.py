@@ -119,10 +119,9 @@ class RunDirectory:
         """Check ``directory`` and choose where to write; raises before anything is changed."""
         directory = Path(directory)
         resume = Path(resume) if resume else None
-        if directory.name == STAGING:  # Hydra was already pointed here
-            check_writable(directory)
-            return cls(directory, directory.parent, outputs)
         check_writable(directory)
+        if directory.name == STAGING:  # Hydra was already pointed here
+            return cls(directory, directory.parent, outputs)
         found = existing_outputs(directory, outputs, resume)
         if found and not overwrite:
             raise ScProtoInputError(refusal(directory, found))
@@ -154,7 +153,7 @@ class RunDirectory:
 def fresh_staging(directory: Path, resume: Path | None) -> Path:
     """``directory/.overwrite``, emptied of an earlier failed attempt."""
     staging = directory / STAGING
-    if resume is not None and staging in Path(resume).resolve().parents:
+    if resume is not None and staging.resolve() in Path(resume).resolve().parents:
         raise ScProtoInputError(
             f"ckpt_path={resume} lies in {staging}, which an overwriting run clears first. To "
             f"resume that interrupted run, pass hydra.run.dir={staging} instead."

@@ -12,15 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 from scproto.errors import ScProtoInputError
-from scproto.run.directory import (
-    MAP_QUERY_OUTPUTS,
-    STAGING,
-    check_writable,
-    existing_outputs,
-    fresh_staging,
-    refusal,
-    refuse_training_run,
-)
+from scproto.run.directory import MAP_QUERY_OUTPUTS, RunDirectory, refuse_training_run
 
 
 class GuardRunDirectory(Callback):
@@ -41,23 +33,19 @@ class GuardRunDirectory(Callback):
 
     def guard(self, config: DictConfig) -> None:
         directory = Path(config.hydra.run.dir)
-        check_writable(directory)
-        if directory.name == STAGING:  # resuming an interrupted overwriting run
-            return
         if self.task == "map_query":
-            outputs, resume = MAP_QUERY_OUTPUTS, None
             refuse_training_run(directory)
+            outputs, resume = MAP_QUERY_OUTPUTS, None
         else:
             from scproto.train import TRAIN_OUTPUTS  # the evaluation's files included
 
             outputs, resume = TRAIN_OUTPUTS, config.get("ckpt_path")
-        found = existing_outputs(directory, outputs, resume)
-        if found and not config.get("overwrite", False):
-            raise ScProtoInputError(refusal(directory, found))
-        if found:
-            staging = fresh_staging(directory, Path(resume) if resume else None)
+        run = RunDirectory.open(
+            directory, outputs=outputs, overwrite=config.get("overwrite", False), resume=resume
+        )
+        if run.staged:  # Hydra's record and log go where the run writes
             with read_write(config.hydra), open_dict(config.hydra):
-                config.hydra.run.dir = str(staging)
+                config.hydra.run.dir = str(run.write_dir)
 
 
 def log_to_files(message: str, level: int = logging.ERROR) -> None:

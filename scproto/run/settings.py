@@ -144,10 +144,11 @@ def bad_values(cfg: DictConfig) -> list[str]:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             problems.append(f"`{key}={value}` is not valid; choose one of {', '.join(allowed)}.")
+    absent = object()
     for key, bound in RANGES.items():
-        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is absent:
             continue  # e.g. optimizer.momentum under adam
-        value = OmegaConf.select(cfg, key)
         if not bound.admits(value):
             problems.append(f"`{key}={value}` is not valid; it must be {bound.describe()}.")
     for key in FLAGS:

@@ -114,3 +114,15 @@ def test_every_baseline_runs_on_tiny_data(tmp_path):
     table = run_benchmark(cfg, tmp_path / "bench")
     assert set(table["method"]) == {"harmony", "scvi", "scvi_arches", "scpoli"}
     assert table["scib/total"].notna().all()
+
+
+def test_a_spawned_worker_reports_its_own_peak_memory_not_its_parents():
+    import multiprocessing
+
+    from scproto.benchmark.harness import peak_rss_mb
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB held by this (the parent) process
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(peak_rss_mb)
+    assert 0 < child < peak_rss_mb() - 300
+    del ballast

@@ -100,13 +100,24 @@ def prepare(
     return prepared, everything
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux keeps ``ru_maxrss`` across exec, so a
+    spawned worker would report its parent's peak; ``VmHWM`` starts anew with the process."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def embed_in_fresh_process(method: str, prepared: Path, context: Context) -> dict:
     """Run one method in this (fresh) process; its training time and peak memory."""
     data = ad.read_h5ad(prepared)
     start = time.perf_counter()
     embedded = METHODS[method](data, context)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mb = peak_rss_mb()
     return {
         "latent": np.asarray(embedded.latent, dtype=np.float32),
         "epochs": embedded.epochs,

@@ -33,11 +33,15 @@ def run_config(run_dir: Path) -> DictConfig:
 
 
 def evaluate_run(
-    run_dir: Path, eval_cfg: DictConfig | None = None, data_path: str | None = None
+    run_dir: Path,
+    eval_cfg: DictConfig | None = None,
+    data_path: str | None = None,
+    cfg: DictConfig | None = None,
 ) -> dict:
-    """Re-evaluate ``run_dir`` with ``eval_cfg`` (default: the run's own settings)."""
+    """Re-evaluate ``run_dir`` with ``eval_cfg`` (default: the run's own settings); ``cfg``
+    is the run's config where it has no ``.hydra/`` (a run made by ``train(cfg)`` in Python)."""
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    cfg = run_config(run_dir) if cfg is None else cfg.copy()
     if eval_cfg is None:
         eval_cfg = cfg.get("eval") or OmegaConf.load(CONFIG_DIR / "eval" / "full.yaml")
     if data_path:

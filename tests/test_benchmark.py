@@ -92,11 +92,20 @@ def test_pca_and_scproto_on_tiny_data_write_table_1(tmp_path):
     assert list(table["method"]) == ["pca", "scproto"]
     for column in ("scib/total", "scgraph/corr_weighted", "labels/knn_f1_macro", "time/train_s"):
         assert table[column].notna().all(), column
-    assert np.isfinite(table.loc[table["method"] == "scproto", "labels/prototype_f1_macro"]).all()
+    scproto = table.loc[table["method"] == "scproto"].iloc[0]
+    assert np.isfinite(scproto["labels/prototype_f1_macro"])
+    # scProto's own outputs are scored from its run: coverage and metacell vs single-cell markers
+    assert 0 < scproto["coverage/prototypes_in_use_share"] <= 1
+    assert scproto["coverage/types_without_non_empty_prototype"] >= 0
+    for feature in ("single_cell", "metacell"):
+        assert 0 <= scproto[f"markers/cd4_vs_cd8/{feature}/f1_macro"] <= 1
+    assert table.loc[table["method"] == "pca", "coverage/prototypes_in_use_share"].isna().all()
     for name in ("table.csv", "table.md", "table.png", "pca/seed_0.npy", "scproto/seed_0.npy"):
         assert (out / name).is_file(), name
     assert np.load(out / "scproto" / "seed_0.npy").shape == (1500, 8)
-    assert "| scproto | 1 | 2 + 5 |" in (out / "table.md").read_text()
+    text = (out / "table.md").read_text()
+    assert "| scproto | 1 | 2 + 5 |" in text and "markers/cd4_vs_cd8/metacell/f1_macro" in text
+    assert "Machine: " in text and "1500 cells" in text
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ best in bold) and ``table.png`` (scIB total against Corr-Weighted).
 
 import logging
 import multiprocessing
+import os
 import resource
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import anndata as ad
 import hydra
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -31,6 +32,7 @@ from scproto.data.preprocess import (
     source_matrix,
 )
 from scproto.errors import ScProtoInputError
+from scproto.evaluate import evaluate_run
 from scproto.evaluation.inputs import baseline_pca
 from scproto.evaluation.scgraph import configured_reference, scgraph_scores
 from scproto.evaluation.scib import scib_scores, skip_reason, use_jax_platform
@@ -51,10 +53,12 @@ SCORES = (
     "scgraph/corr_weighted",
     "labels/knn_f1_macro",
     "labels/prototype_f1_macro",
+    "coverage/types_without_non_empty_prototype",
+    "coverage/prototypes_in_use_share",
     "time/train_s",
     "memory/peak_rss_mb",
 )
-LOWER = ("time/train_s", "memory/peak_rss_mb")
+LOWER = ("coverage/types_without_non_empty_prototype", "time/train_s", "memory/peak_rss_mb")
 DIGITS = {"time/train_s": 1, "memory/peak_rss_mb": 0}
 
 
@@ -186,12 +190,33 @@ def score(
             )
         for key in ("time/train_s", "memory/peak_rss_mb", "epochs"):
             rows.loc[name, key] = result[key]
+        if "run_dir" in result["extra"]:
+            run_cfg = OmegaConf.create(result["extra"]["config"])
+            scores = prototype_scores(Path(result["extra"]["run_dir"]), run_cfg)
+            for key, value in scores.items():
+                rows.loc[name, key] = value
     return rows
+
+
+def prototype_scores(run_dir: Path, cfg: DictConfig) -> dict[str, float]:
+    """Coverage and the marker tasks' macro F1 (single cells, metacells) of the scProto run
+    in ``run_dir`` made with ``cfg``, from the project's evaluation with everything else off."""
+    eval_cfg = cfg.eval.copy()
+    with open_dict(eval_cfg):
+        eval_cfg.enabled, eval_cfg.subsample, eval_cfg.pca_baseline = True, None, False
+        eval_cfg.scib.enabled = eval_cfg.scgraph.enabled = eval_cfg.figures.enabled = False
+    metrics = evaluate_run(run_dir, eval_cfg, cfg=cfg)
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if key.startswith("coverage/") or (key.startswith("markers/") and key.endswith("/f1_macro"))
+    }
 
 
 def summary_table(table: pd.DataFrame) -> str:
     """Mean ± sd over seeds per method, the best mean of each column in bold."""
-    columns = [c for c in SCORES if c in table and table[c].notna().any()]
+    markers = sorted(c for c in table if c.startswith("markers/"))
+    columns = [c for c in (*SCORES, *markers) if c in table and table[c].notna().any()]
     grouped = table.groupby("method", sort=False)
     means, sds = grouped[columns].mean(), grouped[columns].std()
     lines = [
@@ -239,11 +264,51 @@ def plot_table(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def write_tables(table: pd.DataFrame, out_dir: Path, title: str) -> None:
+def experiment_name() -> str:
+    """The ``experiment=`` choice (task_name is the benchmark's own), or the default data."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("experiment")
+        if choice and choice != "null":
+            return choice
+    return "default data"
+
+
+def describe_data(cfg: DictConfig, prepared: ad.AnnData) -> str:
+    if cfg.data.source == "synthetic":
+        settings = dict(cfg.data.synthetic)
+        source = f"synthetic ({', '.join(f'{k}={v}' for k, v in settings.items())})"
+    else:
+        source = Path(cfg.data.path).name
+    n_query = int((prepared.obs["split"] == "query").sum())
+    return (
+        f"{source}: {prepared.n_obs} cells ({n_query} in query studies "
+        f"{', '.join(map(str, cfg.data.query_studies or []))}), {prepared.n_vars} genes"
+    )
+
+
+def describe_machine() -> str:
+    import platform
+
+    import torch
+
+    memory = ""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        kb = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+        memory = f", {kb / 2**20:.0f} GB memory"
+    accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores{memory}, {accelerator}"
+
+
+def write_tables(table: pd.DataFrame, out_dir: Path, title: str, footer: str = "") -> None:
     with atomic_path(out_dir / "table.csv") as path:
         table.to_csv(path, index=False)
     with atomic_path(out_dir / "table.md") as path:
-        path.write_text(f"# {title}\n\n{summary_table(table)}")
+        path.write_text(
+            f"# {title}\n\n{summary_table(table)}" + (f"\n{footer}\n" if footer else "")
+        )
     plot_table(table, out_dir / "table.png")
 
 
@@ -258,10 +323,12 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     if not cfg.data.label_key:
         raise ScProtoInputError("The benchmark scores cell types: set `data.label_key`.")
     out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     adata = load_data(cfg.data)
-    query = cfg.data.query_studies
-    if query is None:  # the synthetic generator marks its own query studies
-        query = list(adata.uns.get("query_studies", []))
+    if cfg.data.query_studies is None:  # the synthetic generator marks its own query studies
+        with open_dict(cfg):
+            cfg.data.query_studies = list(adata.uns.get("query_studies", []))
+    query = list(cfg.data.query_studies)
     prepared, everything = prepare(
         adata,
         batch_key=cfg.data.batch_key,
@@ -298,7 +365,14 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     for part in settings.merge or []:  # tables built in parts
         table = pd.concat([pd.read_csv(Path(part) / "table.csv"), table], ignore_index=True)
     table = table.drop_duplicates(["method", "seed"], keep="last")
-    write_tables(table, out_dir, title=f"Table 1: {cfg.task_name}")
+    minutes = (time.perf_counter() - start) / 60
+    footer = (
+        f"Data: {describe_data(cfg, prepared)}. Machine: {describe_machine()}; this run "
+        f"{minutes:.0f} min. Seeds {', '.join(map(str, sorted(table['seed'].unique())))}; "
+        "mean ± sd over seeds, best mean in bold. Scores as in BENCHMARK_PROTOCOL.md "
+        "(scib-metrics raw, all cells; scGraph on all genes; k-NN F1 on query cells)."
+    )
+    write_tables(table, out_dir, title=f"Table 1: {experiment_name()}", footer=footer)
     log.info("benchmark tables in %s", out_dir)
     return table
 

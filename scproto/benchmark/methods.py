@@ -133,7 +133,7 @@ def scproto(data: ad.AnnData, context: Context) -> Embedded:
     """scProto as `python train.py` would train it on the prepared file (same genes)."""
     import copy
 
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     from scproto.train import train
 
@@ -154,7 +154,8 @@ def scproto(data: ad.AnnData, context: Context) -> Embedded:
     embedding = objects["embedding"]
     if not embedding.obs_names.equals(data.obs_names):  # the run dropped or reordered cells
         raise RuntimeError("scProto's embedding does not hold the benchmark's cells in order")
-    extra = {}
+    # the harness scores the run's prototypes and metacells with this config
+    extra = {"run_dir": cfg.paths.output_dir, "config": OmegaConf.to_yaml(cfg)}
     if "predicted_label" in embedding.obs:
         extra["prototype_labels"] = embedding.obs["predicted_label"].astype(str).to_numpy()
     return Embedded(

@@ -24,7 +24,8 @@ genes, studies and cells), so the output is bit-for-bit reproducible.
 
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import anndata as ad
 import numpy as np
@@ -33,7 +34,7 @@ from scipy import sparse
 
 from scproto.errors import ScProtoInputError
 
-__all__ = ["make_synthetic"]
+__all__ = ["TAXONOMIES", "make_synthetic"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,95 @@ _PROGRAMS = (
     ),
 )  # fmt: skip
 
+
+@dataclass(frozen=True)
+class _Taxonomy:
+    """The cell types, their marker programs, and which types are rare."""
+
+    cell_types: tuple[_CellType, ...]
+    programs: tuple[_Program, ...]
+    rare: tuple[str, ...]  # every study keeps these at their prior share, none drops them
+
+    @cached_property
+    def type_names(self) -> list[str]:
+        return [cell_type.name for cell_type in self.cell_types]
+
+    @cached_property
+    def lineages(self) -> list[str]:
+        return list(dict.fromkeys(cell_type.lineage for cell_type in self.cell_types))
+
+    @cached_property
+    def lineage_index(self) -> np.ndarray:
+        return np.array([self.lineages.index(cell_type.lineage) for cell_type in self.cell_types])
+
+    @cached_property
+    def marker_table(self) -> tuple[list[str], list[str]]:
+        """Unique marker genes in program order and the comma-joined programs of each."""
+        programs_of: dict[str, list[str]] = {}
+        for program in self.programs:
+            for gene in program.genes:
+                programs_of.setdefault(gene, []).append(program.name)
+        return list(programs_of), [",".join(names) for names in programs_of.values()]
+
+    @property
+    def markers(self) -> list[str]:
+        return self.marker_table[0]
+
+    def indices(self, names: tuple[str, ...]) -> list[int]:
+        return [self.type_names.index(name) for name in names]
+
+
+_PBMC = _Taxonomy(_CELL_TYPES, _PROGRAMS, rare=(_RARE_TYPE,))
+
+# The immune atlas: the PBMC types plus two T-cell subtypes that differ from their parent in
+# a handful of genes (Treg within CD4 T, MAIT between CD4 and CD8 T) and two more rare types
+# (plasmablasts, pDCs), so that fine structure and three rare populations under 1 % coexist.
+_ATLAS_TYPES = (
+    _CellType("CD4 T", "T cell", 0.250, 0.85),
+    _CellType("Treg", "T cell", 0.030, 0.85),
+    _CellType("CD8 T", "T cell", 0.130, 0.85),
+    _CellType("MAIT", "T cell", 0.030, 0.85),
+    _CellType("NK", "NK", 0.090, 0.95),
+    _CellType("naive B", "B cell", 0.070, 0.90),
+    _CellType("memory B", "B cell", 0.045, 0.95),
+    _CellType("Plasmablast", "B cell", 0.005, 1.60),
+    _CellType("CD14 Mono", "Myeloid", 0.232, 1.40),
+    _CellType("CD16 Mono", "Myeloid", 0.065, 1.30),
+    _CellType("cDC", "Myeloid", 0.040, 1.30),
+    _CellType("pDC", "pDC", 0.007, 1.00),
+    _CellType("Megakaryocyte", "Megakaryocyte", 0.006, 0.60),
+)
+_ATLAS_USAGE = {  # the new types' shares of the PBMC programs
+    "T cell": {"Treg": 1.0, "MAIT": 1.0},
+    "cytotoxic": {"MAIT": 0.4},
+    "B cell": {"Plasmablast": 0.5},
+    "MHC-II": {"Plasmablast": 0.3, "pDC": 0.8},
+    "CD4 T": {"Treg": 1.0},
+    "CD8 T": {"MAIT": 0.5},
+}
+_ATLAS_PROGRAMS = (
+    *(replace(p, usage={**p.usage, **_ATLAS_USAGE.get(p.name, {})}) for p in _PROGRAMS),
+    _Program(
+        "Treg", {"Treg": 1.0, "CD4 T": 0.2}, _SUBTYPE_LFC,
+        ("FOXP3", "IL2RA", "IKZF2", "TIGIT", "RTKN2", "CCR4"),
+    ),
+    _Program(
+        "MAIT", {"MAIT": 1.0, "CD8 T": 0.2}, _SUBTYPE_LFC,
+        ("SLC4A10", "KLRB1", "ZBTB16", "RORC", "IL23R", "CCR6", "DPP4"),
+    ),
+    _Program(
+        "Plasmablast", {"Plasmablast": 1.0}, _RARE_LFC,
+        ("JCHAIN", "MZB1", "XBP1", "PRDM1", "TNFRSF17", "TXNDC5", "IGHG2", "SDC1", "DERL3"),
+    ),
+    _Program(
+        "pDC", {"pDC": 1.0}, _RARE_LFC,
+        ("LILRA4", "CLEC4C", "IL3RA", "IRF7", "TCF4", "SERPINF1", "PLD4", "PTCRA", "SMPD3"),
+    ),
+)  # fmt: skip
+_ATLAS = _Taxonomy(_ATLAS_TYPES, _ATLAS_PROGRAMS, rare=("Plasmablast", "pDC", "Megakaryocyte"))
+
+TAXONOMIES = {"pbmc": _PBMC, "immune_atlas": _ATLAS}
+
 _MIN_BACKGROUND_GENES = 100
 _MIN_CELLS_PER_STUDY = 50
 
@@ -220,21 +310,6 @@ _SMALL_MEAN = 4.0  # below this NB mean, counts come from the inverse CDF (cheap
 _CHUNK_ENTRIES = 1 << 22  # entries per sampled block, bounds the dense working memory
 
 
-def _marker_table() -> tuple[list[str], list[str]]:
-    """Unique marker genes in program order and the comma-joined programs each belongs to."""
-    programs_of: dict[str, list[str]] = {}
-    for program in _PROGRAMS:
-        for gene in program.genes:
-            programs_of.setdefault(gene, []).append(program.name)
-    return list(programs_of), [",".join(names) for names in programs_of.values()]
-
-
-_MARKERS, _MARKER_OF = _marker_table()
-_TYPE_NAMES = [cell_type.name for cell_type in _CELL_TYPES]
-_LINEAGES = list(dict.fromkeys(cell_type.lineage for cell_type in _CELL_TYPES))
-_LINEAGE_INDEX = np.array([_LINEAGES.index(cell_type.lineage) for cell_type in _CELL_TYPES])
-
-
 @dataclass(frozen=True)
 class _StudyDesign:
     sizes: np.ndarray  # cells per study
@@ -258,7 +333,13 @@ def _validate(
     query_studies: int,
     batch_strength: float,
     seed: int,
-) -> None:
+    taxonomy: str,
+) -> _Taxonomy:
+    if taxonomy not in TAXONOMIES:
+        raise ScProtoInputError(
+            f"taxonomy={taxonomy!r} is unknown; choose from {', '.join(TAXONOMIES)}."
+        )
+    markers = TAXONOMIES[taxonomy].markers
     n_studies = _check_int("n_studies", n_studies, 2)
     query_studies = _check_int("query_studies", query_studies, 0)
     if query_studies >= n_studies:
@@ -272,10 +353,10 @@ def _validate(
             f"n_cells={n_cells} is too small for {n_studies} studies; use n_cells >= {min_cells} "
             f"({_MIN_CELLS_PER_STUDY} cells per study)."
         )
-    min_genes = len(_MARKERS) + _MIN_BACKGROUND_GENES
+    min_genes = len(markers) + _MIN_BACKGROUND_GENES
     if _check_int("n_genes", n_genes, 1) < min_genes:
         raise ScProtoInputError(
-            f"n_genes={n_genes} is too small to hold the {len(_MARKERS)} marker-program genes plus "
+            f"n_genes={n_genes} is too small to hold the {len(markers)} marker-program genes plus "
             f"{_MIN_BACKGROUND_GENES} background genes; use n_genes >= {min_genes}."
         )
     if isinstance(batch_strength, bool) or not isinstance(batch_strength, numbers.Real):
@@ -285,6 +366,7 @@ def _validate(
             f"batch_strength must be finite and non-negative, got {batch_strength}."
         )
     _check_int("seed", seed, 0)
+    return TAXONOMIES[taxonomy]
 
 
 def _allocate(total: int, weights: np.ndarray) -> np.ndarray:
@@ -306,9 +388,9 @@ def _soft_cap(log_abundance: np.ndarray) -> np.ndarray:
     return _MAX_LOG_ABUNDANCE - np.logaddexp(0.0, _MAX_LOG_ABUNDANCE - log_abundance)
 
 
-def _type_log_abundances(rng: np.random.Generator, n_genes: int) -> np.ndarray:
-    """Log-abundances ``(n_types, n_genes)``, marker genes first in ``_MARKERS`` order."""
-    n_markers = len(_MARKERS)
+def _type_log_abundances(rng: np.random.Generator, n_genes: int, taxa: _Taxonomy) -> np.ndarray:
+    """Log-abundances ``(n_types, n_genes)``, marker genes first in ``taxa.markers`` order."""
+    n_markers = len(taxa.markers)
     baseline = np.concatenate(
         [
             rng.normal(_MARKER_BASELINE_MEAN, _MARKER_BASELINE_SD, n_markers),
@@ -316,20 +398,20 @@ def _type_log_abundances(rng: np.random.Generator, n_genes: int) -> np.ndarray:
             - rng.exponential(_BASELINE_LOW_TAIL, n_genes - n_markers),
         ]
     )
-    log_abundance = np.tile(baseline, (len(_CELL_TYPES), 1))
-    for program in _PROGRAMS:
-        genes = [_MARKERS.index(gene) for gene in program.genes]
+    log_abundance = np.tile(baseline, (len(taxa.cell_types), 1))
+    for program in taxa.programs:
+        genes = [taxa.markers.index(gene) for gene in program.genes]
         # Largest effects go to the genes listed first, the canonical markers (CD3E, LYZ, ...).
         lfc = np.sort(rng.gamma(_LFC_SHAPE, program.mean_lfc / _LFC_SHAPE, len(genes)))[::-1]
         for name, share in program.usage.items():
-            log_abundance[_TYPE_NAMES.index(name), genes] += share * lfc
-    lineage_jitter = rng.normal(0.0, _LINEAGE_JITTER_SD, (len(_LINEAGES), n_genes))
+            log_abundance[taxa.type_names.index(name), genes] += share * lfc
+    lineage_jitter = rng.normal(0.0, _LINEAGE_JITTER_SD, (len(taxa.lineages), n_genes))
     type_jitter = rng.normal(0.0, _TYPE_JITTER_SD, log_abundance.shape)
-    return _soft_cap(log_abundance + lineage_jitter[_LINEAGE_INDEX] + type_jitter)
+    return _soft_cap(log_abundance + lineage_jitter[taxa.lineage_index] + type_jitter)
 
 
 def _expression_profiles(
-    rng: np.random.Generator, n_genes: int, n_studies: int, batch_strength: float
+    rng: np.random.Generator, n_genes: int, n_studies: int, batch_strength: float, taxa: _Taxonomy
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Expression proportions ``(n_studies, n_types, n_genes)``, dispersions and gene order.
 
@@ -337,27 +419,28 @@ def _expression_profiles(
     scattered among background genes as in real data.
     """
     order = rng.permutation(n_genes)
-    log_abundance = _type_log_abundances(rng, n_genes)[:, order]
+    log_abundance = _type_log_abundances(rng, n_genes, taxa)[:, order]
     theta = np.exp(rng.normal(np.log(_THETA_MEDIAN), _THETA_LOG_SD, n_genes))
     study_effect = rng.normal(0.0, batch_strength, (n_studies, 1, n_genes))
     interaction = rng.normal(
-        0.0, _INTERACTION_SCALE * batch_strength, (n_studies, len(_LINEAGES), n_genes)
+        0.0, _INTERACTION_SCALE * batch_strength, (n_studies, len(taxa.lineages), n_genes)
     )
-    return _softmax(log_abundance + study_effect + interaction[:, _LINEAGE_INDEX]), theta, order
+    lineage = taxa.lineage_index
+    return _softmax(log_abundance + study_effect + interaction[:, lineage]), theta, order
 
 
-def _study_compositions(rng: np.random.Generator, n_studies: int) -> np.ndarray:
+def _study_compositions(rng: np.random.Generator, n_studies: int, taxa: _Taxonomy) -> np.ndarray:
     """Cell-type proportions ``(n_studies, n_types)``.
 
     Study 0 holds every type, so the reference covers the full taxonomy. The last study and,
     with probability ``_DROP_PROBABILITY``, each intermediate one lack one non-rare type outside
-    the query core, giving partial overlap between studies. The rare type keeps its prior share.
+    the query core, giving partial overlap between studies. Rare types keep their prior share.
     """
-    prior = np.array([cell_type.frequency for cell_type in _CELL_TYPES])
-    rare = _TYPE_NAMES.index(_RARE_TYPE)
-    excluded = (_RARE_TYPE, *_QUERY_CORE)
-    droppable = [i for i, name in enumerate(_TYPE_NAMES) if name not in excluded]
-    compositions = np.empty((n_studies, len(_TYPE_NAMES)))
+    prior = np.array([cell_type.frequency for cell_type in taxa.cell_types])
+    rare = taxa.indices(taxa.rare)
+    excluded = (*taxa.rare, *_QUERY_CORE)
+    droppable = [i for i, name in enumerate(taxa.type_names) if name not in excluded]
+    compositions = np.empty((n_studies, len(taxa.type_names)))
     for study in range(n_studies):
         drawn = rng.dirichlet(_COMPOSITION_CONCENTRATION * prior)
         weights = _COMPOSITION_FLOOR * prior + (1 - _COMPOSITION_FLOOR) * drawn
@@ -365,50 +448,54 @@ def _study_compositions(rng: np.random.Generator, n_studies: int) -> np.ndarray:
         if drop:
             weights[rng.choice(droppable)] = 0.0
         weights[rare] = 0.0
-        compositions[study] = (1 - prior[rare]) * weights / weights.sum()
+        compositions[study] = (1 - prior[rare].sum()) * weights / weights.sum()
         compositions[study, rare] = prior[rare]
     return compositions
 
 
-def _study_design(rng: np.random.Generator, n_cells: int, n_studies: int) -> _StudyDesign:
+def _study_design(
+    rng: np.random.Generator, n_cells: int, n_studies: int, taxa: _Taxonomy
+) -> _StudyDesign:
     """Sizes, compositions, library sizes and dropout of the studies."""
     # Uneven study sizes, none below half of the even share.
     size_weights = 1 / n_studies + rng.dirichlet(np.full(n_studies, _STUDY_SIZE_CONCENTRATION))
     return _StudyDesign(
         sizes=_allocate(n_cells, size_weights),
-        compositions=_study_compositions(rng, n_studies),
+        compositions=_study_compositions(rng, n_studies, taxa),
         library_means=rng.permutation(np.geomspace(*_LIBRARY_RANGE, n_studies)),
         dropout=rng.uniform(0.0, _MAX_DROPOUT, n_studies),
     )
 
 
-def _study_cell_types(n_cells: int, composition: np.ndarray, keep_rare: bool) -> np.ndarray:
-    """Type index per cell: exact allocation, so rare types never vanish by sampling noise."""
+def _study_cell_types(n_cells: int, composition: np.ndarray, keep: list[int]) -> np.ndarray:
+    """Type index per cell: exact allocation, so rare types never vanish by sampling noise;
+    the types in ``keep`` get at least one cell."""
     counts = _allocate(n_cells, composition)
-    rare = _TYPE_NAMES.index(_RARE_TYPE)
-    if keep_rare and counts[rare] == 0:
-        counts[rare] = 1
-        counts[np.argmax(counts)] -= 1
+    for rare in keep:
+        if counts[rare] == 0:
+            counts[rare] = 1
+            counts[np.argmax(counts)] -= 1
     return np.repeat(np.arange(len(composition)), counts)
 
 
 def _cells(
-    rng: np.random.Generator, design: _StudyDesign
+    rng: np.random.Generator, design: _StudyDesign, taxa: _Taxonomy
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Study index, cell-type index and library size of every cell, ordered by study.
 
-    Study 0 keeps at least one rare cell, so the reference always contains every type.
+    Study 0 keeps at least one cell of each rare type, so the reference contains every type.
     """
+    rare = taxa.indices(taxa.rare)
     studies = np.repeat(np.arange(design.sizes.size), design.sizes)
     cell_types = np.concatenate(
         [
-            rng.permutation(_study_cell_types(size, composition, keep_rare=study == 0))
+            rng.permutation(_study_cell_types(size, composition, rare if study == 0 else []))
             for study, (size, composition) in enumerate(
                 zip(design.sizes, design.compositions, strict=True)
             )
         ]
     )
-    rna_content = np.array([cell_type.rna_content for cell_type in _CELL_TYPES])
+    rna_content = np.array([cell_type.rna_content for cell_type in taxa.cell_types])
     library_sizes = (
         design.library_means[studies]
         * rna_content[cell_types]
@@ -500,27 +587,28 @@ def _sample_counts(
     return sparse.vstack(blocks, format="csr")
 
 
-def _gene_table(n_genes: int, order: np.ndarray) -> pd.DataFrame:
+def _gene_table(n_genes: int, order: np.ndarray, taxa: _Taxonomy) -> pd.DataFrame:
     """``var`` for the markers-first gene axis shuffled by ``order``.
 
     Background genes are numbered ``GENE0001``, ... in their final order.
     """
-    n_background = n_genes - len(_MARKERS)
-    names = np.array(_MARKERS + [""] * n_background, dtype=object)[order]
+    markers, marker_of = taxa.marker_table
+    n_background = n_genes - len(markers)
+    names = np.array(markers + [""] * n_background, dtype=object)[order]
     width = max(4, len(str(n_background)))
     names[names == ""] = [f"GENE{i:0{width}d}" for i in range(1, n_background + 1)]
-    marker_of = np.array(_MARKER_OF + [""] * n_background, dtype=object)[order]
+    marker_of = np.array(marker_of + [""] * n_background, dtype=object)[order]
     return pd.DataFrame({"marker_of": marker_of.astype(str)}, index=pd.Index(names.astype(str)))
 
 
 def _cell_table(
-    studies: np.ndarray, cell_types: np.ndarray, n_studies: int, query_studies: int
+    studies: np.ndarray, cell_types: np.ndarray, n_studies: int, query_studies: int, taxa: _Taxonomy
 ) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "study": pd.Categorical.from_codes(studies, [f"study_{i}" for i in range(n_studies)]),
-            "cell_type": pd.Categorical.from_codes(cell_types, _TYPE_NAMES),
-            "lineage": pd.Categorical.from_codes(_LINEAGE_INDEX[cell_types], _LINEAGES),
+            "cell_type": pd.Categorical.from_codes(cell_types, taxa.type_names),
+            "lineage": pd.Categorical.from_codes(taxa.lineage_index[cell_types], taxa.lineages),
             "split": pd.Categorical.from_codes(
                 (studies >= n_studies - query_studies).astype(np.int8), ["reference", "query"]
             ),
@@ -536,6 +624,7 @@ def make_synthetic(
     query_studies: int = 1,
     batch_strength: float = 0.6,
     seed: int = 0,
+    taxonomy: str = "pbmc",
 ) -> ad.AnnData:
     """Simulate a multi-study PBMC-like single-cell count dataset (see the module docstring).
 
@@ -554,6 +643,9 @@ def make_synthetic(
         Standard deviation of the study-specific gene-wise log-factors.
     seed
         Seed of the only random generator used; equal seeds give identical data.
+    taxonomy
+        ``"pbmc"``: nine PBMC types, one rare. ``"immune_atlas"``: thirteen types, adding
+        Treg and MAIT subtypes and two more rare types (plasmablasts, pDCs); see ``TAXONOMIES``.
 
     Returns
     -------
@@ -562,15 +654,15 @@ def make_synthetic(
     (comma-joined programs, ``""`` for background genes), ``uns["query_studies"]`` and
     ``uns["synthetic"]`` (the generator's parameters and per-study settings).
     """
-    _validate(n_cells, n_genes, n_studies, query_studies, batch_strength, seed)
+    taxa = _validate(n_cells, n_genes, n_studies, query_studies, batch_strength, seed, taxonomy)
     # Independent streams: the study design (sizes aside) depends only on the seed and
     # n_studies, and the expression profiles not on n_cells.
     gene_rng, study_rng, cell_rng = np.random.default_rng(seed).spawn(3)
     proportions, theta, gene_order = _expression_profiles(
-        gene_rng, n_genes, n_studies, batch_strength
+        gene_rng, n_genes, n_studies, batch_strength, taxa
     )
-    design = _study_design(study_rng, n_cells, n_studies)
-    studies, cell_types, library_sizes = _cells(cell_rng, design)
+    design = _study_design(study_rng, n_cells, n_studies, taxa)
+    studies, cell_types, library_sizes = _cells(cell_rng, design, taxa)
     counts = _sample_counts(
         cell_rng,
         proportions.astype(np.float32),
@@ -581,8 +673,8 @@ def make_synthetic(
         design.dropout,
     )
 
-    obs = _cell_table(studies, cell_types, n_studies, query_studies)
-    adata = ad.AnnData(X=counts, obs=obs, var=_gene_table(n_genes, gene_order))
+    obs = _cell_table(studies, cell_types, n_studies, query_studies, taxa)
+    adata = ad.AnnData(X=counts, obs=obs, var=_gene_table(n_genes, gene_order, taxa))
     adata.layers["counts"] = counts.copy()  # a copy, so in-place normalisation of X keeps it
     study_names = list(obs["study"].cat.categories)
     adata.uns["query_studies"] = study_names[n_studies - query_studies :]
@@ -593,6 +685,7 @@ def make_synthetic(
         "query_studies": int(query_studies),
         "batch_strength": float(batch_strength),
         "seed": int(seed),
+        "taxonomy": taxonomy,
         "library_size_mean": dict(zip(study_names, design.library_means.tolist(), strict=True)),
         "dropout_rate": dict(zip(study_names, design.dropout.tolist(), strict=True)),
     }

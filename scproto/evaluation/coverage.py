@@ -53,6 +53,7 @@ def prototype_coverage(
         ),
         "coverage/prototypes_non_empty": float(len(used)),
         "coverage/prototypes_empty": float(len(prototypes) - len(used)),
+        "coverage/prototypes_in_use_share": float(len(used) / len(prototypes)),
         "coverage/prototype_size_median": float(np.median(size)) if len(size) else np.nan,
         "coverage/prototype_size_max": float(size.max()) if len(size) else np.nan,
         # purity and mixing weighted by size: what a random cell's prototype looks like

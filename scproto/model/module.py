@@ -14,6 +14,9 @@ from scproto.model.cvae import ConditionalVAE
 from scproto.model.distributed import gather_labels, gather_scores, world_size
 from scproto.model.losses import batch_swav_losses
 from scproto.model.optim import build_optimizer, warmup_cosine
+from scproto.model.prototypes import kmeans_prototypes, reseed_unused
+
+ANCHOR_ROWS_PER_PROTOTYPE = 256  # anchors kept per epoch for k-means and re-seeding
 
 
 class ScProtoModule(pl.LightningModule):
@@ -22,6 +25,11 @@ class ScProtoModule(pl.LightningModule):
     A minibatch holds V views of B anchor cells as V·B rows, view-major: row v·B + i is
     view v of anchor i (view 0 is the anchor itself). Every row goes through the network
     once; the SwAV and propagation terms are then computed per study group.
+
+    Optional schedule around the paper's loss: ``cvae_warmup_epochs`` of the CVAE term
+    alone, then (``prototype_init="kmeans"``) the prototypes start at the spherical k-means
+    centroids of the anchors' μ; ``reseed_prototypes`` restarts, at each epoch's end, the
+    prototypes that no anchor took as its nearest on random anchors.
     """
 
     def __init__(
@@ -46,12 +54,19 @@ class ScProtoModule(pl.LightningModule):
         sinkhorn_iters: int = 3,
         hard_assignment: bool = True,
         freeze_prototypes_iters: int = 0,
+        prototype_init: str = "random",
+        cvae_warmup_epochs: int = 0,
+        reseed_prototypes: bool = False,
         optimizer: dict[str, Any] | None = None,
         registry: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if group_by not in ("anchor", "majority"):
             raise ScProtoInputError(f"group_by must be 'anchor' or 'majority', got {group_by!r}")
+        if prototype_init not in ("random", "kmeans"):
+            raise ScProtoInputError(
+                f"prototype_init must be 'random' or 'kmeans', got {prototype_init!r}"
+            )
         self.save_hyperparameters(ignore=["registry"])
         self.registry = registry or {}
         self.cvae = ConditionalVAE(
@@ -64,6 +79,10 @@ class ScProtoModule(pl.LightningModule):
             likelihood=likelihood,
         )
         self.prototypes = nn.Parameter(F.normalize(torch.randn(n_prototypes, latent_dim), dim=1))
+        # this epoch's anchors (μ, at most ANCHOR_ROWS_PER_PROTOTYPE · K rows) and how many
+        # took each prototype as their nearest: for k-means and re-seeding at the epoch's end
+        self._anchors: list[torch.Tensor] = []
+        self._usage = torch.zeros(n_prototypes, dtype=torch.long)
 
     # ---------------------------------------------------------------- representation
     def normalize_prototypes(self) -> None:
@@ -83,6 +102,11 @@ class ScProtoModule(pl.LightningModule):
         """Group of each anchor: its own study, or the majority study of its views."""
         views = study.view(self.hparams.n_views, -1)
         return views[0] if self.hparams.group_by == "anchor" else views.mode(dim=0).values
+
+    @property
+    def in_cvae_warmup(self) -> bool:
+        """The first ``cvae_warmup_epochs`` train the CVAE alone (prototypes wait for k-means)."""
+        return self.current_epoch < self.hparams.cvae_warmup_epochs
 
     # ---------------------------------------------------------------- loss
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,8 +136,26 @@ class ScProtoModule(pl.LightningModule):
         terms["loss"] = (
             terms["swav"] + hp.lambda_prop * terms["prop"] + hp.lambda_cvae * terms["cvae"]
         )
+        if self.in_cvae_warmup:
+            terms["loss"] = hp.lambda_cvae * terms["cvae"]
+        if self.training and self._collects_anchors():
+            self._record_anchors(outputs["mu"][: local_scores.shape[1]], local_scores[0])
         terms.update(self._assignment_diagnostics(scores[0]))
         return terms
+
+    def _collects_anchors(self) -> bool:
+        hp = self.hparams
+        if self.in_cvae_warmup:  # only the warm-up's last epoch feeds k-means
+            last = self.current_epoch == hp.cvae_warmup_epochs - 1
+            return last and hp.prototype_init == "kmeans"
+        return hp.reseed_prototypes
+
+    @torch.no_grad()
+    def _record_anchors(self, mu: torch.Tensor, anchor_scores: torch.Tensor) -> None:
+        if sum(len(a) for a in self._anchors) < ANCHOR_ROWS_PER_PROTOTYPE * len(self._usage):
+            self._anchors.append(mu.detach())
+        nearest = anchor_scores.argmax(dim=1).cpu()
+        self._usage += torch.bincount(nearest, minlength=len(self._usage))
 
     @torch.no_grad()
     def _assignment_diagnostics(self, anchor_scores: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -142,6 +184,38 @@ class ScProtoModule(pl.LightningModule):
             log(f"train/{name}", terms[name])
         log("train/lr", self.optimizers().param_groups[0]["lr"])
         return terms["loss"]
+
+    def on_fit_start(self) -> None:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and 0 < max_epochs <= self.hparams.cvae_warmup_epochs:
+            raise ScProtoInputError(
+                f"model.cvae_warmup_epochs={self.hparams.cvae_warmup_epochs} leaves no epoch "
+                f"for the prototypes within trainer.max_epochs={max_epochs}: lower it."
+            )
+
+    def on_train_epoch_end(self) -> None:
+        """k-means after the warm-up; later, unused prototypes re-seeded on random anchors."""
+        hp, epoch = self.hparams, self.current_epoch
+        if self._anchors:
+            anchors, usage = torch.cat(self._anchors), self._usage
+            seed = int(torch.randint(2**31 - 1, (1,)))  # from the seeded, checkpointed stream
+            if epoch == hp.cvae_warmup_epochs - 1:
+                self._set_prototypes(lambda: kmeans_prototypes(anchors, hp.n_prototypes, seed=seed))
+            elif not self.trainer.max_epochs or epoch < self.trainer.max_epochs - 1:
+                usage = self.trainer.strategy.reduce(usage.to(self.device), reduce_op="sum").cpu()
+                self.log("train/prototypes_reseeded", (usage == 0).sum().float())
+                self._set_prototypes(
+                    lambda: reseed_unused(self.prototypes.detach().cpu(), usage, anchors, seed)
+                )
+        self._anchors.clear()
+        self._usage.zero_()
+
+    def _set_prototypes(self, compute) -> None:
+        """Rank 0 computes new prototypes from its anchors; every rank takes them."""
+        new = compute() if self.trainer.is_global_zero else None
+        new = self.trainer.strategy.broadcast(new, src=0)
+        with torch.no_grad():
+            self.prototypes.copy_(new.to(self.prototypes.device))
 
     def on_after_backward(self) -> None:
         # SwAV's optional freeze: prototypes stay put while the encoder organises itself.

@@ -23,6 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Settings with a fixed set of values.
 CHOICES = {
     "model.likelihood": ("mse", "nb"),
+    "model.prototype_init": ("random", "kmeans"),
     "data.neighbor_weighting": ("uniform", "distance"),
     "data.hvg_flavor": ("seurat", "seurat_v3", "cell_ranger"),
     "loss.group_by": ("anchor", "majority"),
@@ -91,6 +92,7 @@ RANGES = {
     "model.embedding_dim": count(1),
     "model.dropout": Bound(low=0, high=1, high_open=True),
     "model.freeze_prototypes_iters": count(0),
+    "model.cvae_warmup_epochs": count(0),
     "loss.lambda_cvae": NON_NEGATIVE,
     "loss.lambda_prop": NON_NEGATIVE,
     "loss.kl_weight": NON_NEGATIVE,
@@ -112,7 +114,7 @@ RANGES = {
     "eval.subsample": count(1, optional=True),
     "eval.pca_components": count(1),
 }
-FLAGS = ("overwrite", "sinkhorn.hard")
+FLAGS = ("overwrite", "sinkhorn.hard", "model.reseed_prototypes")
 
 # Groups whose keys are free: instantiated targets, Hydra's own, file locations, and the
 # marker tasks (each key is a task the user names).

@@ -181,6 +181,7 @@ def test_lineages_separate_and_subtypes_are_subtler_within_a_study(adata):
         ({"batch_strength": -0.1}, "batch_strength"),
         ({"batch_strength": float("nan")}, "batch_strength"),
         ({"seed": -1}, "seed"),
+        ({"taxonomy": "mouse"}, "taxonomy.*pbmc, immune_atlas"),
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs, message):
@@ -193,3 +194,25 @@ def test_the_test_data_has_the_expressed_gene_count_the_tests_expect(small_adata
     from tests.conftest import N_EXPRESSED_GENES
 
     assert int((nonzero_counts(small_adata.X, 0) > 0).sum()) == N_EXPRESSED_GENES
+
+
+def test_the_immune_atlas_has_a_hierarchy_with_subtle_subtypes_and_three_rare_types():
+    atlas = make_synthetic(
+        n_cells=12000, n_genes=800, n_studies=6, query_studies=2, seed=1, taxonomy="immune_atlas"
+    )
+    types = atlas.obs["cell_type"]
+    assert len(types.cat.categories) >= 12 and atlas.obs["study"].nunique() == 6
+    share = types.value_counts(normalize=True)
+    rare = share[share < 0.01]
+    assert set(rare.index) == {"Plasmablast", "pDC", "Megakaryocyte"}
+    reference = atlas.obs.loc[atlas.obs["split"] == "reference", "cell_type"]
+    assert set(reference) == set(types.cat.categories)
+    assert atlas.uns["query_studies"] == ["study_4", "study_5"]
+    # Treg and MAIT sit within the T-cell lineage, apart from their parent in a few genes
+    one_study = atlas[atlas.obs["study"] == "study_0"]
+    t_cells = one_study[one_study.obs["lineage"] == "T cell"]
+    embedding = _pca(t_cells.X)
+    assert _knn_purity(_pca(one_study.X), one_study.obs["lineage"]) > 0.8
+    assert 0.5 < _knn_purity(embedding, t_cells.obs["cell_type"]) < 0.99
+    markers = atlas.var["marker_of"]
+    assert markers.str.contains("Treg").sum() == 6 and markers.str.contains("MAIT").sum() == 7

@@ -135,3 +135,20 @@ def test_a_spawned_worker_reports_its_own_peak_memory_not_its_parents():
         child = pool.apply(peak_rss_mb)
     assert 0 < child < peak_rss_mb() - 300
     del ballast
+
+
+def test_parts_built_separately_merge_into_one_table_with_each_parts_footer(tmp_path):
+    from scproto.benchmark.harness import merge_parts, write_tables
+
+    for name, method, total in (("a", "pca", 0.4), ("b", "scproto", 0.7)):
+        part = pd.DataFrame(
+            {"method": [method] * 2, "seed": [0, 1], "epochs": ["-"] * 2, "scib/total": [total] * 2}
+        )
+        write_tables(part, tmp_path / name, "part", footer=f"Machine: part {name}.")
+    table = merge_parts([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "all")
+    assert list(table["method"]) == ["pca", "pca", "scproto", "scproto"]
+    text = (tmp_path / "all" / "table.md").read_text()
+    assert "| scproto | 2 | - | **0.700 ± 0.000** |" in text
+    assert "Part 1 (pca): Machine: part a." in text and "Part 2 (scproto): Machine: part b." in text
+    with pytest.raises(ScProtoInputError, match="nothing to do"):
+        merge_parts([], tmp_path / "none")

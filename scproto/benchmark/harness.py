@@ -312,6 +312,30 @@ def write_tables(table: pd.DataFrame, out_dir: Path, title: str, footer: str = "
     plot_table(table, out_dir / "table.png")
 
 
+def footer_of(part: Path) -> str:
+    """The closing paragraph (data, machine, time) of a part's table.md."""
+    path = part / "table.md"
+    lines = path.read_text().strip().splitlines() if path.is_file() else []
+    return lines[-1] if lines and not lines[-1].startswith("|") else ""
+
+
+def merge_parts(parts: list[str], out_dir: Path) -> pd.DataFrame:
+    """``benchmark.methods=[]``: Table 1 from parts built earlier, each part's footer kept."""
+    if not parts:
+        raise ScProtoInputError(
+            "benchmark.methods is empty and benchmark.merge names no parts: nothing to do."
+        )
+    tables = [pd.read_csv(Path(part) / "table.csv") for part in parts]
+    table = pd.concat(tables, ignore_index=True).drop_duplicates(["method", "seed"], keep="last")
+    methods = [", ".join(dict.fromkeys(t["method"])) for t in tables]
+    footer = "\n\n".join(
+        f"Part {i + 1} ({m}): {footer_of(Path(p))}"
+        for i, (p, m) in enumerate(zip(parts, methods, strict=True))
+    )
+    write_tables(table, out_dir, title=f"Table 1: {experiment_name()}", footer=footer)
+    return table
+
+
 def run_benchmark(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """Train and score ``benchmark.methods`` × ``benchmark.seeds``; write the tables."""
     settings = cfg.benchmark
@@ -323,6 +347,8 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     if not cfg.data.label_key:
         raise ScProtoInputError("The benchmark scores cell types: set `data.label_key`.")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.methods:
+        return merge_parts(settings.merge or [], out_dir)
     start = time.perf_counter()
     adata = load_data(cfg.data)
     if cfg.data.query_studies is None:  # the synthetic generator marks its own query studies

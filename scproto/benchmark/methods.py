@@ -40,6 +40,10 @@ class Context:
     prepared: Path  # the shared input as a file (scProto trains from a file, like train.py)
     scproto_config: Any = None  # the composed training config (scProto only)
 
+    def query_epochs(self, default: int) -> int:
+        """Surgery epochs: the method's own, within the cap (one budget for both stages)."""
+        return min(default, self.max_epochs) if self.max_epochs else default
+
 
 def pca(data: ad.AnnData, context: Context) -> Embedded:
     """50 principal components of the log-normalised HVGs of all cells."""
@@ -73,8 +77,9 @@ def _scvi(data: ad.AnnData, context: Context, **architecture) -> Embedded:
     epochs = f"{len(model.history['elbo_train'])}"
     if query.n_obs:
         mapped = scvi.model.SCVI.load_query_data(query, model)
-        mapped.train(max_epochs=QUERY_EPOCHS, plan_kwargs={"weight_decay": 0.0}, **quiet)
-        model, epochs = mapped, f"{epochs} + {QUERY_EPOCHS}"
+        query_epochs = context.query_epochs(QUERY_EPOCHS)
+        mapped.train(max_epochs=query_epochs, plan_kwargs={"weight_decay": 0.0}, **quiet)
+        model, epochs = mapped, f"{epochs} + {query_epochs}"
     everything = data.copy()
     scvi.model.SCVI.setup_anndata(everything, layer="counts", batch_key=context.batch_key)
     return Embedded(model.get_latent_representation(everything), epochs)
@@ -122,8 +127,9 @@ def scpoli(data: ad.AnnData, context: Context) -> Embedded:
         model = scarches.models.scPoli.load_query_data(
             adata=query, reference_model=model, labeled_indices=[]
         )
-        model.train(n_epochs=QUERY_EPOCHS)
-        used = f"{used} + ≤{QUERY_EPOCHS}"
+        query_epochs = context.query_epochs(QUERY_EPOCHS)
+        model.train(n_epochs=query_epochs)
+        used = f"{used} + ≤{query_epochs}"
     # scarches indexes X with torch tensors, which scipy's sparse matrices refuse
     dense = ad.AnnData(X=counts.X.toarray(), obs=counts.obs, var=counts.var)
     return Embedded(np.asarray(model.get_latent(dense, mean=True)), used)
@@ -150,6 +156,7 @@ def scproto(data: ad.AnnData, context: Context) -> Embedded:
         cfg.paths.output_dir = str(context.out_dir / "run")
         if context.max_epochs:
             cfg.trainer.max_epochs = context.max_epochs
+        cfg.query.epochs = context.query_epochs(cfg.query.epochs)
     _, objects = train(cfg)
     embedding = objects["embedding"]
     if not embedding.obs_names.equals(data.obs_names):  # the run dropped or reordered cells

@@ -112,6 +112,6 @@ def test_training_with_reseeding_logs_how_many_prototypes_were_restarted(make_co
         "model.reseed_prototypes=true",
         "trainer.max_epochs=3",
     )
-    metrics, objects = train(cfg)
+    _, objects = train(cfg)
     history = objects["trainer"].logged_metrics
     assert 0 <= float(history["train/prototypes_reseeded"]) <= 20

@@ -319,6 +319,11 @@ def footer_of(part: Path) -> str:
     return lines[-1] if lines and not lines[-1].startswith("|") else ""
 
 
+def joined(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Rows of ``tables`` in order; a later (method, seed) row replaces an earlier one."""
+    return pd.concat(tables, ignore_index=True).drop_duplicates(["method", "seed"], keep="last")
+
+
 def merge_parts(parts: list[str], out_dir: Path) -> pd.DataFrame:
     """``benchmark.methods=[]``: Table 1 from parts built earlier, each part's footer kept."""
     if not parts:
@@ -326,7 +331,7 @@ def merge_parts(parts: list[str], out_dir: Path) -> pd.DataFrame:
             "benchmark.methods is empty and benchmark.merge names no parts: nothing to do."
         )
     tables = [pd.read_csv(Path(part) / "table.csv") for part in parts]
-    table = pd.concat(tables, ignore_index=True).drop_duplicates(["method", "seed"], keep="last")
+    table = joined(tables)
     methods = [", ".join(dict.fromkeys(t["method"])) for t in tables]
     footer = "\n\n".join(
         f"Part {i + 1} ({m}): {footer_of(Path(p))}"
@@ -387,10 +392,8 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         scores = score(results, prepared, everything, cfg)
         scores.insert(0, "seed", seed)
         rows.append(scores.rename_axis("method").reset_index())
-    table = pd.concat(rows, ignore_index=True)
-    for part in settings.merge or []:  # tables built in parts
-        table = pd.concat([pd.read_csv(Path(part) / "table.csv"), table], ignore_index=True)
-    table = table.drop_duplicates(["method", "seed"], keep="last")
+    parts = [pd.read_csv(Path(part) / "table.csv") for part in settings.merge or []]
+    table = joined([*reversed(parts), *rows])  # this run's rows win over earlier parts'
     minutes = (time.perf_counter() - start) / 60
     footer = (
         f"Data: {describe_data(cfg, prepared)}. Machine: {describe_machine()}; this run "

@@ -50,7 +50,8 @@ def load_data(data_cfg: DictConfig) -> ad.AnnData:
     """The embedded synthetic data, or the .h5ad file at ``data.path``."""
     if data_cfg.source == "synthetic":
         try:
-            return make_synthetic(**data_cfg.synthetic)
+            # the counts layer only when a setting reads it: a second copy of the data
+            return make_synthetic(counts_layer=bool(data_cfg.counts_layer), **data_cfg.synthetic)
         except TypeError as error:  # an unknown data.synthetic.* key
             raise ScProtoInputError(f"data.synthetic: {error}.") from error
     if not data_cfg.path:

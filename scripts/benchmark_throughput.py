@@ -2,8 +2,12 @@
 
     python scripts/benchmark_throughput.py                 # 30,000 cells × 4,000 genes
     python scripts/benchmark_throughput.py --cells 5000 --genes 1000 --steps 5   # quick look
+    python scripts/benchmark_throughput.py --cvae-views all,1 --rounds 3   # side by side
 
-Prints a markdown table; `benchmarks/throughput.md` holds the numbers of a recorded run.
+Prints markdown tables; `benchmarks/throughput.md` holds the numbers of a recorded run.
+Variants (values of `loss.cvae_views`) are timed in interleaved rounds on the same data in
+one process, so machine noise hits them alike; each variant's matmul FLOPs per step
+(``torch.utils.flop_counter``) over the machine's measured GEMM rate is its arithmetic floor.
 Peak memory is the process's peak RSS above its RSS after the imports, so it counts the
 data, the model, the minibatches and the autograd buffers, not the libraries.
 """
@@ -20,6 +24,7 @@ import numpy as np
 import pytorch_lightning as pl
 import scanpy as sc
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from scproto.data.datamodule import ScProtoDataModule
 from scproto.data.synthetic import make_synthetic
@@ -73,7 +78,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--optimizer", default="lars", choices=["lars", "adam"])
+    parser.add_argument(
+        "--cvae-views", default="all", help="comma-separated loss.cvae_views values, 'all' = null"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds per variant")
     args = parser.parse_args()
+    variants = [None if v == "all" else int(v) for v in args.cvae_views.split(",")]
     torch.manual_seed(0)
     base_rss = rss_mb()
 
@@ -100,26 +110,40 @@ def main() -> None:
     gc.collect()
 
     optimizer = {"name": args.optimizer, "lr": 4.8 if args.optimizer == "lars" else 1e-3}
-    module = ScProtoModule(len(datamodule.spec.genes), len(datamodule.studies), optimizer=optimizer)
+
+    def new_module(cvae_views):
+        n_genes, n_studies = len(datamodule.spec.genes), len(datamodule.studies)
+        return ScProtoModule(n_genes, n_studies, optimizer=optimizer, cvae_views=cvae_views)
+
+    module = new_module(variants[0])
     model_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=args.steps + 3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
     rss_before_training = rss_mb()
     sampler = RssSampler()
     sampler.start()
-    trainer.fit(module, datamodule=datamodule)
+    step_times = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for variant in variants:
+            step_times[variant].extend(timed_steps(new_module(variant), datamodule, args.steps))
     sampler.running = False
-    step_times = np.diff(timer.stamps)[3:]  # skip warm-up steps
-    anchors_per_s = args.batch_size / np.median(step_times)
+    gemm_rate = gemm_flops_per_s()
+    variant_rows = []
+    for variant in variants:
+        times = np.asarray(step_times[variant])
+        flops = step_flops(new_module(variant), datamodule)
+        floor_s = flops / gemm_rate
+        variant_rows.append(
+            (
+                "all" if variant is None else str(variant),
+                f"{np.median(times) * 1000:.0f} (p90 {np.percentile(times, 90) * 1000:.0f})",
+                f"{args.batch_size * 8 / np.median(times):,.0f}",
+                f"{np.median(step_times[variants[0]]) / np.median(times):.2f}",
+                f"{flops / 1e9:.1f}",
+                f"{floor_s * 1000:.0f}",
+                f"{np.median(times) / floor_s:.1f}",
+            )
+        )
+    times = np.asarray(step_times[variants[0]])
+    anchors_per_s = args.batch_size / np.median(times)
 
     t = datamodule.timings
     pca_s = t.get("PCA", float("nan"))
@@ -140,8 +164,8 @@ def main() -> None:
         ("exact 50-NN (faiss IndexFlatL2)", f"{knn_s:.2f} s"),
         ("data setup: HVG + PCA + kNN", f"{hvg_s + pca_s + knn_s:.2f} s"),
         (
-            f"step time (median of {len(step_times)})",
-            f"{np.median(step_times) * 1000:.0f} ms (p90 {np.percentile(step_times, 90) * 1000:.0f} ms)",
+            f"step time, loss.cvae_views={variant_rows[0][0]} (median of {len(times)})",
+            f"{np.median(times) * 1000:.0f} ms (p90 {np.percentile(times, 90) * 1000:.0f} ms)",
         ),
         ("throughput: anchor cells/s", f"{anchors_per_s:,.0f}"),
         ("throughput: view rows/s (× 8)", f"{anchors_per_s * 8:,.0f}"),
@@ -159,6 +183,51 @@ def main() -> None:
     print("| quantity | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
+    print(
+        f"\nGEMM rate of this machine: {gemm_rate / 1e9:.0f} GFLOP/s (float32 matmul, "
+        f"{torch.get_num_threads()} threads)\n"
+    )
+    print(
+        "| loss.cvae_views | step ms (p90) | view rows/s | speed-up | matmul GFLOP/step "
+        "| floor ms | × floor |\n|---|---|---|---|---|---|---|"
+    )
+    for row in variant_rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def timed_steps(module: ScProtoModule, datamodule, n_steps: int) -> list[float]:
+    """Wall time of each of ``n_steps`` training steps after 3 warm-up steps."""
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=n_steps + 3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return list(np.diff(timer.stamps)[3:])
+
+
+def step_flops(module: ScProtoModule, datamodule) -> int:
+    """Matmul FLOPs of one training step, forward and backward (elementwise work not counted)."""
+    batch = next(iter(datamodule.train_dataloader()))
+    module.train()
+    with FlopCounterMode(display=False) as counter:
+        module.compute_losses(batch)["loss"].backward()
+    return counter.get_total_flops()
+
+
+def gemm_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
+    """The machine's float32 matmul rate on square matrices: the arithmetic ceiling."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -104,16 +104,12 @@ class ViewBatchSampler(Sampler[np.ndarray]):
 
 
 def dense_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
-    """``matrix[rows]`` as a dense float32 array.
+    """``matrix[rows]`` as a dense float32 array: the rows of one minibatch.
 
-    A scatter of the selected non-zeros; ~5× faster than ``csr_matrix.toarray`` here
-    (8,192 × 4,000 rows: 40 ms vs 220 ms), which matters on the per-step path.
+    scipy 1.17's ``toarray`` of the selected rows beats a numpy scatter of their non-zeros
+    (8,192 × 3,745 rows: 34 ms vs 62 ms), which matters on the per-step path.
     """
-    selected = matrix[rows]
-    dense = np.zeros(selected.shape, dtype=np.float32)
-    row_of_entry = np.repeat(np.arange(selected.shape[0]), np.diff(selected.indptr))
-    dense[row_of_entry, selected.indices] = selected.data
-    return dense
+    return np.asarray(matrix[rows].toarray(), dtype=np.float32)
 
 
 class ViewRows(Dataset):

@@ -106,10 +106,16 @@ class ConditionalVAE(nn.Module):
         out = self.output_head(self.decoder(z, embedding))
         return F.relu(out) if self.likelihood == "mse" else F.softmax(out, dim=-1)
 
-    def forward(self, x: torch.Tensor, study: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, study: torch.Tensor, n_decoded: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """μ and log σ² of every row; ``decoded`` for the first ``n_decoded`` rows (all by
+        default), the only rows :meth:`loss` then scores."""
         mu, logvar = self.encode(x, study)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        return {"mu": mu, "logvar": logvar, "decoded": self.decode(z, self.condition(study))}
+        rows = slice(0, n_decoded)
+        mu_d, logvar_d = mu[rows], logvar[rows]
+        z = mu_d + torch.randn_like(mu_d) * torch.exp(0.5 * logvar_d) if self.training else mu_d
+        return {"mu": mu, "logvar": logvar, "decoded": self.decode(z, self.condition(study[rows]))}
 
     def loss(
         self,
@@ -118,7 +124,10 @@ class ConditionalVAE(nn.Module):
         outputs: dict[str, torch.Tensor],
         counts: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Reconstruction (summed over genes) and KL, each averaged over rows."""
+        """Reconstruction (summed over genes) and KL, each averaged over the decoded rows."""
+        n = outputs["decoded"].shape[0]
+        x, study = x[:n], study[:n]
+        counts = None if counts is None else counts[:n]
         if self.likelihood == "mse":
             reconstruction = mse_reconstruction(x, outputs["decoded"])
         else:
@@ -126,5 +135,5 @@ class ConditionalVAE(nn.Module):
             theta = self.log_theta[study].exp()
             nll = negative_binomial_nll(counts, outputs["decoded"] * library, theta)
             reconstruction = nll.mean()
-        kl = kl_divergence(outputs["mu"], outputs["logvar"])
+        kl = kl_divergence(outputs["mu"][:n], outputs["logvar"][:n])
         return {"recon": reconstruction, "kl": kl.mean()}

@@ -13,6 +13,27 @@ import torch.nn.functional as F
 from scproto.model.sinkhorn import hard_assignments, sinkhorn
 
 
+def cross_view_prediction(
+    log_p: torch.Tensor, codes: torch.Tensor, assignment_views: Sequence[int]
+) -> torch.Tensor:
+    """−mean_a mean_{v≠a} Σ_i Σ_k codes_a,ik log p_v,ik, for codes already scaled by each
+    anchor's weight (1/B for one group).
+
+    One contraction over every (assignment, view) pair, then the v = a terms are taken
+    back out: no per-view copies of log p, so its gradient is a single dense product.
+    """
+    n_views = log_p.shape[0]
+    cross = torch.einsum("abk,vbk->av", codes, log_p)  # (A, V)
+    own = cross[torch.arange(len(assignment_views)), torch.as_tensor(assignment_views)]
+    return -((cross.sum(dim=1) - own) / (n_views - 1)).mean()
+
+
+def swav_codes(scores: torch.Tensor, *, epsilon: float, sinkhorn_iters: int, hard: bool):
+    """The Sinkhorn codes (hard by default) of one group's rows: the swapped targets."""
+    q = sinkhorn(scores, epsilon, sinkhorn_iters)
+    return hard_assignments(q) if hard else q
+
+
 def swapped_prediction_loss(
     scores: torch.Tensor,
     *,
@@ -26,17 +47,19 @@ def swapped_prediction_loss(
 
     L = mean_a mean_{v≠a} [ −mean_i Σ_k q_a,ik log softmax(s_v,i / τ)_k ].
     """
-    n_views = scores.shape[0]
     log_p = F.log_softmax(scores / temperature, dim=-1)
-    per_assignment = []
-    for a in assignment_views:
-        q = sinkhorn(scores[a], epsilon, sinkhorn_iters)
-        if hard:
-            q = hard_assignments(q)
-        others = [v for v in range(n_views) if v != a]
-        cross_entropy = -(q.unsqueeze(0) * log_p[others]).sum(dim=-1).mean(dim=-1)
-        per_assignment.append(cross_entropy.mean())
-    return torch.stack(per_assignment).mean()
+    codes = torch.stack(
+        [
+            swav_codes(scores[a], epsilon=epsilon, sinkhorn_iters=sinkhorn_iters, hard=hard)
+            for a in assignment_views
+        ]
+    )
+    return cross_view_prediction(log_p, codes / scores.shape[1], assignment_views)
+
+
+def coverage_gaps(scores: torch.Tensor) -> torch.Tensor:
+    """1 − s to the nearest prototype, for every row: how badly each row is covered."""
+    return 1.0 - scores.max(dim=-1).values
 
 
 def propagation_loss(scores: torch.Tensor) -> torch.Tensor:
@@ -45,8 +68,7 @@ def propagation_loss(scores: torch.Tensor) -> torch.Tensor:
     Only the worst-covered row receives a gradient, pulling its nearest prototype
     towards it; this is what gives rare cell types a prototype.
     """
-    flat = scores.reshape(-1, scores.shape[-1])
-    return (1.0 - flat.max(dim=-1).values).max()
+    return coverage_gaps(scores).max()
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -98,16 +120,31 @@ def batch_swav_losses(
     groups: torch.Tensor,
     *,
     min_group_size: int = 16,
-    **swav_kwargs,
+    temperature: float = 0.05,
+    epsilon: float = 0.02,
+    sinkhorn_iters: int = 3,
+    hard: bool = True,
+    assignment_views: Sequence[int] = (0, 1),
 ) -> dict[str, torch.Tensor]:
     """SwAV and propagation losses within each study, averaged with equal weight per study.
 
     ``scores`` (V, B, K) comes from ONE forward pass over the whole minibatch; the network
-    has no cross-sample coupling, so slicing it by group equals one pass per group.
+    has no cross-sample coupling, so slicing it by group equals one pass per group. Only
+    Sinkhorn (no gradient) runs per group: its codes, weighted 1/(|g|·G) for an anchor of
+    group g among G groups, make the equal-weight mean of the per-group SwAV losses one
+    contraction over the whole minibatch.
     """
     members = group_rows(groups, min_group_size)
-    swav = torch.stack(
-        [swapped_prediction_loss(scores[:, m], **swav_kwargs) for m in members]
-    ).mean()
-    prop = torch.stack([propagation_loss(scores[:, m]) for m in members]).mean()
+    log_p = F.log_softmax(scores / temperature, dim=-1)  # per row: the same within any group
+    codes = scores.new_zeros(len(assignment_views), *scores.shape[1:])
+    with torch.no_grad():
+        for m in members:
+            for i, a in enumerate(assignment_views):
+                q = swav_codes(
+                    scores[a, m], epsilon=epsilon, sinkhorn_iters=sinkhorn_iters, hard=hard
+                )
+                codes[i, m] = q / (m.numel() * len(members))
+    swav = cross_view_prediction(log_p, codes, assignment_views)
+    gaps = coverage_gaps(scores)
+    prop = torch.stack([gaps[:, m].max() for m in members]).mean()
     return {"swav": swav, "prop": prop, "n_groups": torch.tensor(float(len(members)))}

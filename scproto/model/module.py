@@ -23,8 +23,9 @@ class ScProtoModule(pl.LightningModule):
     """Conditional VAE + K unit-norm prototypes, trained on minibatches of neighbour views.
 
     A minibatch holds V views of B anchor cells as V·B rows, view-major: row v·B + i is
-    view v of anchor i (view 0 is the anchor itself). Every row goes through the network
-    once; the SwAV and propagation terms are then computed per study group.
+    view v of anchor i (view 0 is the anchor itself). Every row goes through the encoder
+    once; the SwAV and propagation terms are then computed per study group, and L_cvae on
+    the rows of the first ``cvae_views`` views (all of them by default, as in the paper).
 
     Optional schedule around the paper's loss: ``cvae_warmup_epochs`` of the CVAE term
     alone, then (``prototype_init="kmeans"``) the prototypes start at the spherical k-means
@@ -47,6 +48,7 @@ class ScProtoModule(pl.LightningModule):
         lambda_cvae: float = 0.01,
         lambda_prop: float = 1.0,
         kl_weight: float = 0.5,
+        cvae_views: int | None = None,
         temperature: float = 0.05,
         group_by: str = "anchor",
         min_group_size: int = 16,
@@ -63,6 +65,10 @@ class ScProtoModule(pl.LightningModule):
         super().__init__()
         if group_by not in ("anchor", "majority"):
             raise ScProtoInputError(f"group_by must be 'anchor' or 'majority', got {group_by!r}")
+        if cvae_views is not None and not 1 <= cvae_views <= n_views:
+            raise ScProtoInputError(
+                f"cvae_views={cvae_views} must be between 1 and the {n_views} views, or null (all)"
+            )
         if prototype_init not in ("random", "kmeans"):
             raise ScProtoInputError(
                 f"prototype_init must be 'random' or 'kmeans', got {prototype_init!r}"
@@ -118,7 +124,9 @@ class ScProtoModule(pl.LightningModule):
         """
         hp = self.hparams
         x, study = batch["x"], batch["study"]
-        outputs = self.cvae(x, study)
+        n_anchors = x.shape[0] // hp.n_views
+        # L_cvae on the first cvae_views views of each anchor (view-major rows: a prefix)
+        outputs = self.cvae(x, study, n_decoded=n_anchors * (hp.cvae_views or hp.n_views))
         local_scores = self.scores(outputs["mu"]).view(hp.n_views, -1, hp.n_prototypes)
         scores = gather_scores(local_scores, dim=1)
         terms = batch_swav_losses(
@@ -240,6 +248,9 @@ class ScProtoModule(pl.LightningModule):
         if schedule == "constant":
             return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        if not math.isfinite(self.trainer.num_training_batches):
+            # trainer.max_steps without max_epochs: Lightning has not sized the epoch yet
+            self.trainer.fit_loop.setup_data()
         steps_per_epoch = max(1, int(self.trainer.num_training_batches))
         warmup_steps = min(total_steps, warmup_epochs * steps_per_epoch)
 

@@ -96,6 +96,7 @@ RANGES = {
     "loss.lambda_cvae": NON_NEGATIVE,
     "loss.lambda_prop": NON_NEGATIVE,
     "loss.kl_weight": NON_NEGATIVE,
+    "loss.cvae_views": count(1, optional=True),
     "loss.temperature": POSITIVE,
     "loss.min_group_size": count(1),
     "sinkhorn.epsilon": POSITIVE,
@@ -130,6 +131,15 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(
             f"optimized_metric={target} comes from the evaluation, which eval=none turns off; "
             "use eval=fast or eval=full, or a train/ metric."
+        )
+    cvae_views, n_views = (
+        OmegaConf.select(cfg, "loss.cvae_views"),
+        OmegaConf.select(cfg, "data.n_views"),
+    )
+    if isinstance(cvae_views, int) and isinstance(n_views, int) and cvae_views > n_views:
+        problems.append(
+            f"`loss.cvae_views={cvae_views}` exceeds `data.n_views={n_views}`: L_cvae can "
+            "reconstruct at most every view."
         )
     resume = cfg.get("ckpt_path")
     if resume and not Path(resume).is_file():

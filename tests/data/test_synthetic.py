@@ -216,3 +216,22 @@ def test_the_immune_atlas_has_a_hierarchy_with_subtle_subtypes_and_three_rare_ty
     assert 0.5 < _knn_purity(embedding, t_cells.obs["cell_type"]) < 0.99
     markers = atlas.var["marker_of"]
     assert markers.str.contains("Treg").sum() == 6 and markers.str.contains("MAIT").sum() == 7
+
+
+def test_rows_are_stacked_like_vstack_and_the_counts_layer_is_optional():
+    from scipy import sparse
+
+    from scproto.data.synthetic import _stack_rows
+
+    blocks = [
+        sparse.random(n, 7, density=0.3, format="csr", dtype=np.float32, random_state=n)
+        for n in (3, 1, 5)
+    ]
+    expected = sparse.vstack(blocks, format="csr")
+    stacked = _stack_rows(list(blocks), 7)
+    assert (stacked != expected).nnz == 0 and stacked.shape == expected.shape
+    full, lean = (
+        make_synthetic(n_cells=600, n_genes=400),
+        make_synthetic(n_cells=600, n_genes=400, counts_layer=False),
+    )
+    assert "counts" not in lean.layers and (lean.X != full.layers["counts"]).nnz == 0

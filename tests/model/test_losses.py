@@ -112,3 +112,27 @@ def test_batch_swav_is_the_equal_weight_mean_of_per_group_losses():
     prop = [propagation_loss(scores[:, :30]), propagation_loss(scores[:, 30:])]
     torch.testing.assert_close(terms["swav"], torch.stack(swav).mean())
     torch.testing.assert_close(terms["prop"], torch.stack(prop).mean())
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_batch_swav_gradient_is_that_of_the_per_group_losses(hard):
+    # One contraction over the whole minibatch must be the same function of the scores as
+    # the mean of per-group losses, including the gradient that trains the network.
+    torch.manual_seed(3)
+    raw = torch.randn(4, 50, 7)
+    groups = torch.tensor([0] * 22 + [1] * 3 + [2] * 25)  # study 1 is dropped (below 5)
+    grads = []
+    for per_group in (False, True):
+        leaf = raw.clone().requires_grad_()
+        scores = torch.nn.functional.normalize(leaf, dim=-1)
+        if per_group:
+            parts = [scores[:, :22], scores[:, 25:]]
+            swav = torch.stack([swapped_prediction_loss(p, hard=hard) for p in parts]).mean()
+            prop = torch.stack([propagation_loss(p) for p in parts]).mean()
+        else:
+            terms = batch_swav_losses(scores, groups, min_group_size=5, hard=hard)
+            swav, prop = terms["swav"], terms["prop"]
+        (swav + prop).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0][:, 22:25].abs().sum() == 0  # dropped anchors get no gradient

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from scproto.errors import ScProtoInputError
 from scproto.model.losses import propagation_loss, swapped_prediction_loss
 from scproto.model.module import ScProtoModule
 from scproto.model.optim import LARS, warmup_cosine
@@ -48,6 +49,33 @@ def test_total_loss_combines_terms_with_their_weights():
         t = module.compute_losses(make_batch())
     torch.testing.assert_close(t["cvae"], t["recon"] + 0.5 * t["kl"])
     torch.testing.assert_close(t["loss"], t["swav"] + 3.0 * t["prop"] + 0.1 * t["cvae"])
+
+
+@pytest.mark.parametrize("likelihood", ["mse", "nb"])
+def test_cvae_views_reconstructs_the_first_views_only(likelihood):
+    batch = make_batch()
+    batch["counts"] = torch.poisson(batch["x"] * 5)
+    anchors = slice(0, N_ANCHORS)
+    with torch.no_grad():
+        every = make_module(likelihood=likelihood).compute_losses(batch)
+        same = make_module(likelihood=likelihood, cvae_views=N_VIEWS).compute_losses(batch)
+        first = make_module(likelihood=likelihood, cvae_views=1).compute_losses(batch)
+        module = make_module(likelihood=likelihood)
+        alone = {k: v[anchors] for k, v in batch.items()}
+        reference = module.cvae.loss(
+            alone["x"], alone["study"], module.cvae(alone["x"], alone["study"]), alone["counts"]
+        )
+    for name in ("recon", "kl", "swav", "prop"):
+        torch.testing.assert_close(same[name], every[name])
+    torch.testing.assert_close(first["recon"], reference["recon"])
+    torch.testing.assert_close(first["kl"], reference["kl"])
+    torch.testing.assert_close(first["swav"], every["swav"])  # the encoder still sees every view
+    assert not torch.isclose(first["recon"], every["recon"])
+
+
+def test_cvae_views_beyond_the_views_is_refused():
+    with pytest.raises(ScProtoInputError, match="cvae_views=5 must be between 1 and the 4 views"):
+        make_module(cvae_views=5)
 
 
 def test_majority_grouping_uses_the_views_mode():
@@ -113,3 +141,30 @@ def test_scores_and_sinkhorn_stay_float32_under_mixed_precision():
     assert torch.isfinite(terms["loss"]) and torch.isfinite(terms["swav"])
     # the bfloat16 encoder moves μ a little; the scores themselves are not rounded to bf16
     assert (scores - reference).abs().max() < 0.05
+
+
+def test_max_steps_without_max_epochs_trains(small_adata):
+    # Lightning leaves the epoch unsized until the loader is built; the LR schedule needs it.
+    import pytorch_lightning as pl
+
+    from scproto.data.datamodule import ScProtoDataModule
+
+    datamodule = ScProtoDataModule(small_adata, batch_key="study", batch_size=64, n_top_genes=50)
+    datamodule.setup()
+    module = ScProtoModule(
+        50,
+        len(datamodule.studies),
+        n_prototypes=10,
+        optimizer={"name": "lars", "lr": 1.0, "warmup_epochs": 1},
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 3

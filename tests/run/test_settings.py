@@ -32,6 +32,11 @@ from scproto.run.settings import Bound, validate_config
         ("+trainer.max_epoch=3", "did you mean `trainer.max_epochs`?"),
         ("+optimizer.momentum=0.9", "`optimizer.momentum` is not a setting"),  # Adam has none
         ("ckpt_path=/nowhere/last.ckpt", "ckpt_path=/nowhere/last.ckpt: no such checkpoint"),
+        (
+            "loss.cvae_views=0",
+            "`loss.cvae_views=0` is not valid; it must be an integer ≥ 1, or null",
+        ),
+        ("loss.cvae_views=9", "`loss.cvae_views=9` exceeds `data.n_views=8`"),
     ],
 )
 def test_bad_settings_are_named(make_config, override, words):
@@ -48,6 +53,7 @@ def test_bad_settings_are_named(make_config, override, words):
         ["+trainer.max_steps=20", "+trainer.reload_dataloaders_every_n_epochs=1"],
         ["data.synthetic.n_studies=5", "eval=fast", "+eval.markers.tasks.mine.genes=[A]"],
         ["model.hidden_dim=null", "eval.subsample=null"],
+        ["loss.cvae_views=1"],
     ],
 )
 def test_valid_settings_pass(make_config, overrides):

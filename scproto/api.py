@@ -159,8 +159,13 @@ class ScProto:
         lr: float = 1e-2,
         batch_size: int = 1024,
         seed: int = 0,
+        *,
+        x: sp.csr_matrix | None = None,
     ) -> "ScProto":
         """A new model that also knows the studies of ``adata`` the model has not seen.
+
+        ``x``: the model input of every row of ``adata`` (:meth:`model_input`), when the
+        caller has it already (training does); otherwise the new studies' cells are prepared.
 
         scArches surgery: each new study gets its own embedding row; only those rows (and
         their NB dispersion) train, for ``epochs`` epochs on the new studies' cells; every
@@ -184,12 +189,12 @@ class ScProto:
         mapped = ScProto(expand_studies(self.module, new_studies))
         codes = mapped.study_codes(adata)
         query = np.flatnonzero(codes >= len(self.studies))
-        counts = mapped.counts_input(adata)
+        cells = adata[query]
         mapped.mapping_losses = train_new_rows(
             mapped.module,
-            mapped.model_input(adata)[query],
+            mapped.model_input(cells) if x is None else x[query],
             codes[query],
-            None if counts is None else counts[query],
+            mapped.counts_input(cells),
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,

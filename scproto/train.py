@@ -58,7 +58,8 @@ def load_data(data_cfg: DictConfig) -> ad.AnnData:
         raise ScProtoInputError(
             "`data.path` is not set: give the .h5ad file, e.g. data.path=/data/atlas.h5ad."
         )
-    return read_h5ad(data_cfg.path)
+    layers = [data_cfg.counts_layer] if data_cfg.counts_layer else []
+    return read_h5ad(data_cfg.path, layers=layers)
 
 
 def build_datamodule(cfg: DictConfig, adata: ad.AnnData) -> ScProtoDataModule:
@@ -73,6 +74,7 @@ def build_datamodule(cfg: DictConfig, adata: ad.AnnData) -> ScProtoDataModule:
         min_group_size=cfg.loss.min_group_size,
         cache_dir=cfg.paths.cache_dir,
         seed=cfg.seed,
+        inplace=True,  # the AnnData was read (or generated) for this run alone
         **data,
     )
 
@@ -241,7 +243,7 @@ def fit_and_write(
     model = reference_model = ScProto(module)
     if datamodule.query_studies:
         start = time.perf_counter()
-        model = model.map_query(datamodule.adata, seed=cfg.seed, **cfg.query)
+        model = model.map_query(datamodule.adata, seed=cfg.seed, x=datamodule.x, **cfg.query)
         log.info(
             "query mapping of %s: %d epochs, %.1f s, CVAE loss %s",
             datamodule.query_studies,
@@ -272,6 +274,7 @@ def fit_and_write(
     metrics |= summary
     metrics["time/train_s"] = train_seconds
     metrics["time/data_setup_s"] = sum(datamodule.timings.values())
+    metrics["data/knn_recall"] = datamodule.knn_recall
     log.info("training took %.1f s", train_seconds)
     if cfg.eval.enabled:
         inputs = read_run(run_dir, datamodule.x, n_pcs=cfg.eval.pca_components, seed=cfg.seed)

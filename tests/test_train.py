@@ -21,6 +21,11 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 STAND_INS = {
     "immune_scib": ("study", "final_annotation", ["Freytag", "Villani", "Oetjen", "Sun"]),
     "pancreas_scib": ("tech", "celltype", ["celseq", "celseq2", "smartseq2", "inDrop1"]),
+    "hlca": (
+        "study",
+        "ann_finest_level",
+        ["Teichmann_Meyer_2019", "Lafyatis_Rojas_2019", "Krasnow_2020", "Banovich_Kropski_2020"],
+    ),
     "cellbench": (
         "batch",
         "cell_type",

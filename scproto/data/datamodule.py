@@ -19,6 +19,7 @@ from scproto.data.io import (
     without_empty_cells_and_genes,
 )
 from scproto.data.preprocess import (
+    PCA_MAX_CELLS,
     InputSpec,
     as_csr32,
     highly_variable_genes,
@@ -55,8 +56,11 @@ class ScProtoDataModule(pl.LightningDataModule):
         target_sum: float = 1e4,
         n_pcs: int = 50,
         n_neighbors: int = 50,
+        pca_max_cells: int | None = PCA_MAX_CELLS,
+        knn_index: str = "auto",
         knn_approximate_above: int | None = 200_000,
         knn_nprobe: int = 16,
+        knn_min_recall: float = 0.95,
         n_views: int = 8,
         batch_size: int = 1024,
         neighbor_weighting: str = "uniform",
@@ -66,9 +70,10 @@ class ScProtoDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | Path | None = None,
         seed: int = 31,
+        inplace: bool = False,
     ) -> None:
         super().__init__()
-        adata = without_empty_cells_and_genes(adata, min_genes=min_genes)
+        adata = without_empty_cells_and_genes(adata, min_genes=min_genes, inplace=inplace)
         if n_top_genes > adata.n_vars:
             log.warning(
                 "data.n_top_genes=%d exceeds the %d genes with expression: all of them are used",
@@ -83,7 +88,14 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.query_studies = [str(s) for s in query_studies]
         self.n_top_genes, self.hvg_flavor, self.target_sum = n_top_genes, hvg_flavor, target_sum
         self.n_pcs, self.n_neighbors = n_pcs, n_neighbors
+        self.pca_max_cells = pca_max_cells
+        self.knn_index = knn_index
         self.knn_approximate_above, self.knn_nprobe = knn_approximate_above, knn_nprobe
+        self.knn_min_recall = knn_min_recall
+        # Normalise X in place instead of keeping a second copy: for an AnnData that
+        # belongs to this run alone (train.py reads one per run), never a user's object.
+        self.inplace = inplace
+        self.knn_recall: float | None = None
         self.n_views, self.batch_size = n_views, batch_size
         self.neighbor_weighting = neighbor_weighting
         self.likelihood = likelihood
@@ -126,17 +138,26 @@ class ScProtoDataModule(pl.LightningDataModule):
                 "rarely exceeds ~10. If X is normalised but not logged, pass raw counts instead.",
                 largest,
             )
-        with timed("log-normalise", self.timings, log):
-            full = log_normalized(adata.X, is_counts=is_counts, target_sum=self.target_sum)
         needs_counts = self.likelihood == "nb" or self.hvg_flavor == "seurat_v3"
         raw_counts = self._raw_counts(is_counts) if needs_counts else None
+        counts_in_x = raw_counts is not None and np.shares_memory(
+            raw_counts.data, matrix_values(adata.X)
+        )
+        with timed("log-normalise", self.timings, log):
+            full = log_normalized(
+                adata.X,
+                is_counts=is_counts,
+                target_sum=self.target_sum,
+                inplace=self.inplace and not counts_in_x,
+            )
         with timed("highly variable genes", self.timings, log):
             genes = highly_variable_genes(
-                full[reference],
+                full,
                 adata.var_names,
                 n_top_genes=self.n_top_genes,
                 flavor=self.hvg_flavor,
-                counts=None if raw_counts is None else raw_counts[reference],
+                counts=raw_counts,
+                rows=np.flatnonzero(reference),
             )
         self.spec = InputSpec(
             genes=tuple(genes),
@@ -155,7 +176,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.study_codes = studies.map({s: i for i, s in enumerate(self.studies)}).fillna(-1)
         self.study_codes = self.study_codes.to_numpy().astype(np.int64)
         self.train_index = np.flatnonzero(reference)
-        self.neighbors, self.distances = self._neighbor_graph(self.x[self.train_index])
+        self.neighbors, self.distances = self._neighbor_graph(self.x, self.train_index)
         self._warn_small_study_groups()
         self._prepared = True
         log.info(
@@ -189,39 +210,46 @@ class ScProtoDataModule(pl.LightningDataModule):
             return as_csr32(source_matrix(self.adata, self.counts_layer))
         return as_csr32(self.adata.X) if x_is_counts else None
 
-    def _neighbor_graph(self, reference_x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-        n_cells = reference_x.shape[0]
-        approximate = (
-            self.knn_approximate_above is not None and n_cells > self.knn_approximate_above
-        )
+    def _neighbor_graph(self, x: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """kNN graph of ``x[rows]`` on its PCA (rows taken by index: no copy of the data)."""
+        kind = knn.index_kind(self.knn_index, len(rows), self.knn_approximate_above)
         settings = {
             "n_pcs": self.n_pcs,
             "n_neighbors": self.n_neighbors,
-            "approximate": approximate,
-            "nprobe": self.knn_nprobe if approximate else None,
+            "index": kind,
+            "nprobe": self.knn_nprobe if kind != "exact" else None,
+            "min_recall": self.knn_min_recall if kind != "exact" else None,
             "seed": self.seed,
-            "pca": "randomized-v1",
+            "pca": "randomized-v2",
+            "pca_max_cells": self.pca_max_cells,
         }
-        key = knn.data_fingerprint(reference_x, settings)
+        key = knn.data_fingerprint(x, rows, settings) if self.cache_dir else None
         cached = knn.load_cached(self.cache_dir, key)
         if cached is not None:
             self.timings["kNN graph (cached)"] = 0.0
-            return cached
+            *graph, self.knn_recall = cached
+            return tuple(graph)
         with timed("PCA", self.timings, log):
-            coordinates = randomized_pca(reference_x, self.n_pcs, seed=self.seed)
-        with timed(
-            f"{'approximate' if approximate else 'exact'} {self.n_neighbors}-NN (faiss)",
-            self.timings,
-            log,
-        ):
-            neighbors, distances = knn.knn_graph(
+            coordinates = randomized_pca(
+                x, self.n_pcs, seed=self.seed, rows=rows, max_fit_cells=self.pca_max_cells
+            )
+        with timed(f"{self.n_neighbors}-NN ({kind}, faiss)", self.timings, log):
+            neighbors, distances, self.knn_recall = knn.knn_graph(
                 coordinates,
                 self.n_neighbors,
-                approximate=approximate,
+                kind=kind,
                 seed=self.seed,
                 nprobe=self.knn_nprobe,
+                min_recall=self.knn_min_recall,
             )
-        knn.save_cached(self.cache_dir, key, neighbors, distances)
+        if kind != "exact":
+            log.info(
+                "kNN recall@%d %.3f against exact search on %d sampled cells",
+                self.n_neighbors,
+                self.knn_recall,
+                min(knn.RECALL_QUERIES, len(rows)),
+            )
+        knn.save_cached(self.cache_dir, key, neighbors, distances, self.knn_recall)
         return neighbors, distances
 
     # ------------------------------------------------------------------ what the model needs

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import read_elem
 
 from scproto.errors import ScProtoInputError
 
@@ -21,8 +23,13 @@ KNOWN_DOWNLOADS = {
 }
 
 
-def read_h5ad(path: str | Path) -> ad.AnnData:
-    """Read an .h5ad file, with a message naming the path (and the download) if it is missing."""
+def read_h5ad(path: str | Path, *, layers: Sequence[str] | None = None) -> ad.AnnData:
+    """Read an .h5ad file, with a message naming the path (and the download) if it is missing.
+
+    ``layers``: read only ``obs``, ``var``, ``uns``, ``X`` and these layers, leaving every
+    other layer and ``obsm``/``obsp``/``varm``/``varp`` on disk (a counts layer beside X
+    doubles the memory of an atlas); ``None`` reads everything.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.h5ad"))[:5]
@@ -42,11 +49,34 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
             f"resolved from the directory you run from).{hint}"
         )
     try:
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path) if layers is None else _read_parts(path, layers)
+    except ScProtoInputError:
+        raise
     except Exception as error:  # h5py/anndata raise many types for a corrupt file
         raise ScProtoInputError(
             f"Could not read {path} as an AnnData .h5ad file ({type(error).__name__}: {error})."
         ) from error
+
+
+def _read_parts(path: Path, layers: Sequence[str]) -> ad.AnnData:
+    with h5py.File(path, "r") as file:
+        stored = list(file["layers"]) if "layers" in file else []
+        missing = [name for name in layers if name not in stored]
+        if missing:
+            raise ScProtoInputError(
+                f"layers {missing} are not in {path}; layers present: {stored or 'none'}."
+            )
+        skipped = [name for name in stored if name not in layers]
+        skipped += [k for k in ("obsm", "obsp", "varm", "varp") if k in file and len(file[k])]
+        if skipped:
+            log.info("%s: not read, as the run does not use them: %s", path.name, skipped)
+        return ad.AnnData(
+            X=read_elem(file["X"]) if "X" in file else None,
+            obs=read_elem(file["obs"]),
+            var=read_elem(file["var"]),
+            uns=read_elem(file["uns"]) if "uns" in file else None,
+            layers={name: read_elem(file["layers"][name]) for name in layers},
+        )
 
 
 def _require_obs_key(adata: ad.AnnData, key: str, role: str, allow_missing: bool = False) -> None:
@@ -164,6 +194,37 @@ def validate_anndata(
         )
 
 
+def _dropped(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> ad.AnnData:
+    """``adata[cells, genes]`` for cells and genes with no stored values: CSR rows and
+    columns that hold nothing are removed without touching the values."""
+
+    def holds_nothing_dropped(m) -> bool:
+        if not (sp.issparse(m) and m.format == "csr" and m.has_canonical_format):
+            return False
+        stored_per_gene = np.bincount(m.indices, minlength=m.shape[1])
+        return not stored_per_gene[~genes].any() and not np.diff(m.indptr)[~cells].any()
+
+    if not all(holds_nothing_dropped(m) for m in [adata.X, *adata.layers.values()]):
+        return adata[cells, genes].copy()
+    column = (np.cumsum(genes) - 1).astype(np.int32)
+
+    def drop(matrix: sp.csr_matrix) -> sp.csr_matrix:
+        np.take(column, matrix.indices, out=matrix.indices)  # every stored column is kept
+        indptr = np.concatenate([[0], matrix.indptr[1:][cells]])
+        return sp.csr_matrix(
+            (matrix.data, matrix.indices, indptr), shape=(int(cells.sum()), int(genes.sum()))
+        )
+
+    return ad.AnnData(
+        X=drop(adata.X),
+        obs=adata.obs[cells],
+        var=adata.var[genes],
+        uns=adata.uns,
+        obsm={k: v[cells] for k, v in adata.obsm.items()},
+        layers={k: drop(v) for k, v in adata.layers.items()},
+    )
+
+
 def nonzero_counts(matrix, axis: int) -> np.ndarray:
     """Non-zero values per row (axis=1) or column (axis=0); stored zeros do not count.
 
@@ -180,9 +241,15 @@ def nonzero_counts(matrix, axis: int) -> np.ndarray:
     return np.diff(matrix.indptr)
 
 
-def without_empty_cells_and_genes(adata: ad.AnnData, *, min_genes: int) -> ad.AnnData:
+def without_empty_cells_and_genes(
+    adata: ad.AnnData, *, min_genes: int, inplace: bool = False
+) -> ad.AnnData:
     """``adata`` less its all-zero cells and genes (a copy, only when there are some), with
-    unique cell names; refused when too little is left to learn from."""
+    unique cell names; refused when too little is left to learn from.
+
+    ``inplace``: CSR matrices keep their values array, and their column indices are
+    renumbered in place (``adata`` itself is then unusable): no copy of a large atlas.
+    """
     if adata.X is None:
         raise ScProtoInputError("The data has no expression matrix (X is None).")
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -204,7 +271,7 @@ def without_empty_cells_and_genes(adata: ad.AnnData, *, min_genes: int) -> ad.An
             cells.sum(),
             genes.sum(),
         )
-        adata = adata[cells, genes].copy()
+        adata = _dropped(adata, cells, genes) if inplace else adata[cells, genes].copy()
     if adata.n_vars < min_genes:
         raise ScProtoInputError(
             f"The data has {adata.n_vars} genes with any expression, fewer than data.min_genes="

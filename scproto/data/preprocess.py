@@ -54,21 +54,38 @@ def as_csr32(matrix) -> sp.csr_matrix:
     return sp.csr_matrix(matrix, dtype=np.float32)
 
 
-def log_normalized(matrix, *, is_counts: bool, target_sum: float) -> sp.csr_matrix:
-    """log1p(counts / library size × target_sum), or the log data unchanged, as float32 CSR."""
-    matrix = as_csr32(matrix)
+NORMALIZE_BLOCK_ROWS = 65_536  # rows normalised at a time: bounds scanpy's temporaries
+
+
+def log_normalized(
+    matrix, *, is_counts: bool, target_sum: float, inplace: bool = False
+) -> sp.csr_matrix:
+    """log1p(counts / library size × target_sum), or the log data unchanged, as float32 CSR.
+
+    ``inplace`` overwrites the values of ``matrix`` (when it is already float32 CSR) instead
+    of making a second copy of the data; otherwise ``matrix`` is left as it was. Rows are normalised in blocks, each by scanpy,
+    so the working memory is one block whatever the size of the data.
+    """
+    result = as_csr32(matrix)
     if not is_counts:
-        return matrix
-    normalized = sc.pp.normalize_total(ad.AnnData(matrix), target_sum=target_sum, inplace=False)[
-        "X"
-    ]
-    return as_csr32(sc.pp.log1p(as_csr32(normalized)))
+        return result
+    if not inplace and sp.issparse(matrix) and np.shares_memory(result.data, matrix.data):
+        result = result.copy()
+    for start in range(0, result.shape[0], NORMALIZE_BLOCK_ROWS):
+        block = ad.AnnData(result[start : start + NORMALIZE_BLOCK_ROWS])
+        sc.pp.normalize_total(block, target_sum=target_sum)
+        sc.pp.log1p(block)
+        entries = slice(result.indptr[start], result.indptr[start + block.n_obs])
+        result.data[entries] = block.X.data
+    return result
 
 
 def select_genes(
     matrix: sp.csr_matrix, var_names, genes, *, min_overlap: float = 0.5
 ) -> sp.csr_matrix:
     """Columns of ``matrix`` reordered to ``genes``; absent genes are zero-filled with a warning."""
+    if list(map(str, var_names)) == list(genes):  # every gene, in order: no copy
+        return as_csr32(matrix)
     position = pd.Index(var_names).get_indexer(list(genes))
     present = position >= 0
     n_missing = int((~present).sum())
@@ -95,11 +112,22 @@ def source_matrix(adata: ad.AnnData, spec_source: str):
 
 
 def highly_variable_genes(
-    log_data: sp.csr_matrix, var_names, *, n_top_genes: int, flavor: str, counts=None
+    log_data: sp.csr_matrix,
+    var_names,
+    *,
+    n_top_genes: int,
+    flavor: str,
+    counts=None,
+    rows: np.ndarray | None = None,
 ) -> list[str]:
-    """Names of the HVGs (in data order), from the reference cells only."""
+    """Names of the HVGs (in data order), from ``rows`` (the reference cells; all by default).
+
+    The rows are taken only when HVGs are selected at all: a copy of most of an atlas."""
     if n_top_genes >= len(var_names):
         return list(map(str, var_names))
+    if rows is not None:
+        log_data = log_data[rows]
+        counts = None if counts is None else counts[rows]
     if flavor == "seurat_v3":
         if counts is None:
             raise ScProtoInputError(
@@ -113,33 +141,57 @@ def highly_variable_genes(
     return list(adata.var_names[adata.var["highly_variable"].to_numpy()])
 
 
-def randomized_pca(
-    matrix: sp.csr_matrix, n_components: int, *, seed: int, n_oversamples: int = 10, n_iter: int = 4
-) -> np.ndarray:
-    """Cell coordinates on the top principal components, centring implicitly (stays sparse).
+PROJECT_BLOCK_ROWS = 131_072  # rows projected onto the components at a time
+PCA_MAX_CELLS = 200_000  # above this the components are fitted on a subsample (data.pca_max_cells)
 
-    Halko, Martinsson & Tropp's randomized range finder with power iterations. scanpy's
-    arpack PCA takes ~17 s on 30k × 4k cells; this needs ~2·n_iter + 2 sparse products.
+
+def randomized_pca(
+    matrix: sp.csr_matrix,
+    n_components: int,
+    *,
+    seed: int,
+    rows: np.ndarray | None = None,
+    max_fit_cells: int | None = None,
+    n_oversamples: int = 10,
+    n_iter: int = 4,
+) -> np.ndarray:
+    """Coordinates of ``matrix[rows]`` (all rows by default) on the top principal components.
+
+    Halko, Martinsson & Tropp's randomized range finder with power iterations, centring
+    implicitly so nothing is densified (scanpy's arpack PCA takes ~17 s on 30k × 4k cells;
+    this needs ~2·n_iter + 2 sparse products). Above ``max_fit_cells`` rows the components
+    are fitted on a random subsample of that size, then every row is projected: the top
+    components of a large atlas are settled long before a million cells, and the products
+    over all cells (scipy runs them on one core) were most of the PCA's time.
     """
-    n_cells, n_genes = matrix.shape
+    rows = np.arange(matrix.shape[0]) if rows is None else np.asarray(rows)
+    rng = np.random.default_rng(seed)
+    fit_rows = rows
+    if max_fit_cells is not None and rows.size > max_fit_cells:
+        fit_rows = np.sort(rng.choice(rows, max_fit_cells, replace=False))
+    fit = matrix[fit_rows] if fit_rows.size < matrix.shape[0] else matrix
+    n_cells, n_genes = fit.shape
     n_components = min(n_components, n_cells - 1, n_genes)
     rank = min(n_components + n_oversamples, n_genes)
-    mean = np.asarray(matrix.mean(axis=0), dtype=np.float64).ravel().astype(np.float32)
-    transposed = matrix.T.tocsr()
+    mean = np.asarray(fit.mean(axis=0), dtype=np.float64).ravel().astype(np.float32)
 
     def times(v: np.ndarray) -> np.ndarray:  # (X − 1μᵀ) v
-        return matrix @ v - mean @ v
+        return fit @ v - mean @ v
 
-    def transpose_times(u: np.ndarray) -> np.ndarray:  # (X − 1μᵀ)ᵀ u
-        return transposed @ u - np.outer(mean, u.sum(axis=0))
+    def transpose_times(u: np.ndarray) -> np.ndarray:  # (X − 1μᵀ)ᵀ u; Xᵀ is a CSC view, no copy
+        return fit.T @ u - np.outer(mean, u.sum(axis=0))
 
-    rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(times(rng.standard_normal((n_genes, rank), dtype=np.float32)))
     for _ in range(n_iter):
         basis, _ = np.linalg.qr(times(np.linalg.qr(transpose_times(basis))[0]))
     small = transpose_times(basis).T  # rank × genes
-    u_small, singular_values, _ = np.linalg.svd(small, full_matrices=False)
-    coordinates = (basis @ u_small[:, :n_components]) * singular_values[:n_components]
+    _, _, components = np.linalg.svd(small, full_matrices=False)
+    components = components[:n_components].T.astype(np.float32)  # genes × components
+    offset = mean @ components
+    coordinates = np.empty((rows.size, n_components), dtype=np.float32)
+    for start in range(0, rows.size, PROJECT_BLOCK_ROWS):
+        block = rows[start : start + PROJECT_BLOCK_ROWS]
+        coordinates[start : start + block.size] = matrix[block] @ components - offset
     # Sign convention so results do not flip with BLAS: the largest |coordinate| of each component is positive.
     signs = np.sign(coordinates[np.abs(coordinates).argmax(axis=0), np.arange(n_components)])
-    return (coordinates * signs).astype(np.float32)
+    return coordinates * signs

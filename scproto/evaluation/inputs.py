@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scproto.data.preprocess import randomized_pca
+from scproto.data.preprocess import PCA_MAX_CELLS, randomized_pca
 from scproto.errors import ScProtoInputError
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ class EvaluationInputs:
 
 
 def baseline_pca(expression: sp.csr_matrix, n_components: int, seed: int) -> np.ndarray:
-    """The paper's PCA row: a PCA of the same model input (all cells)."""
+    """The paper's PCA row: a PCA of the same model input (all cells; components fitted
+    on a subsample of a large atlas, as for the training graph)."""
     n_components = min(n_components, min(expression.shape) - 1)
-    return randomized_pca(expression, n_components, seed=seed)
+    return randomized_pca(expression, n_components, seed=seed, max_fit_cells=PCA_MAX_CELLS)
 
 
 def read_run(

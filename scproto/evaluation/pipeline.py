@@ -68,10 +68,11 @@ class Evaluation:
         self.figures[caption] = str(path.relative_to(self.out_dir))
 
     # ------------------------------------------------------------------ components
-    def embeddings(self) -> dict[str, np.ndarray]:
-        chosen = {"scproto": self.inputs.latent}
+    def embeddings(self, inputs: EvaluationInputs | None = None) -> dict[str, np.ndarray]:
+        inputs = inputs or self.inputs
+        chosen = {"scproto": inputs.latent}
         if self.cfg.pca_baseline:
-            chosen["pca"] = self.inputs.pca
+            chosen["pca"] = inputs.pca
         return chosen
 
     def record_rows(self, table: pd.DataFrame, family: str) -> None:
@@ -81,14 +82,22 @@ class Evaluation:
                 self.metrics[f"{prefix}{family}/{metric}"] = float(value)
 
     def scib(self) -> None:
-        inputs = self.inputs
+        inputs, max_cells = self.inputs, self.cfg.scib.get("max_cells")
+        if max_cells and len(inputs.obs) > max_cells:
+            inputs = inputs.subset(stratified_subsample(_strata(inputs), max_cells, self.seed))
+            log.info(
+                "scIB on a stratified subsample of %d of the %d cells (eval.scib.max_cells)",
+                len(inputs.obs),
+                len(self.inputs.obs),
+            )
+            self.metrics["eval/scib_cells"] = float(len(inputs.obs))
         batches = inputs.obs[inputs.batch_key]
         reason = skip_reason(batches, inputs.labels)
         if reason:
             return self.skip("scib", reason)
         use_jax_platform(self.cfg.jax_platform)
         table = scib_scores(
-            self.embeddings(),
+            self.embeddings(inputs),
             batches,
             inputs.labels,
             inputs.pca,

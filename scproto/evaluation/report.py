@@ -68,6 +68,12 @@ def write_report(evaluation: "Evaluation", path: Path, *, title: str, n_all: int
         + (f", {obs[inputs.label_key].nunique()} cell types." if inputs.label_key else ".")
         + " Embeddings are compared on all of them; the PCA row is a PCA of the same model "
         "input. scIB scores are not min-max scaled; `total` = 0.4 × batch + 0.6 × bio."
+        + (
+            f" scIB itself ran on a stratified subsample of {int(metrics['eval/scib_cells'])} "
+            "of them (`eval.scib.max_cells`): its cost grows faster than the number of cells."
+            if "eval/scib_cells" in metrics
+            else ""
+        )
     )
     lines.append("")
     headline = headline_table(metrics)

@@ -30,6 +30,7 @@ CHOICES = {
     "optimizer.name": ("lars", "adam"),
     "optimizer.schedule": ("warmup_cosine", "constant"),
     "data.source": ("synthetic", "h5ad"),
+    "data.knn_index": ("auto", "exact", "ivf_flat", "ivf_pq"),
 }
 
 
@@ -81,7 +82,9 @@ RANGES = {
     "data.n_pcs": count(1),
     "data.n_neighbors": count(1),
     "data.knn_approximate_above": count(1, optional=True),
+    "data.pca_max_cells": count(2, optional=True),
     "data.knn_nprobe": count(1),
+    "data.knn_min_recall": SHARE,
     "data.n_views": count(2),
     "data.batch_size": count(1),
     "data.min_cells_per_study": count(1),
@@ -113,6 +116,7 @@ RANGES = {
     "query.batch_size": count(1),
     "label_transfer.uncertainty_threshold": SHARE,
     "eval.subsample": count(1, optional=True),
+    "eval.scib.max_cells": count(1, optional=True),
     "eval.pca_components": count(1),
 }
 FLAGS = ("overwrite", "sinkhorn.hard", "model.reseed_prototypes")

@@ -112,3 +112,27 @@ def test_nonzero_counts_match_numpy_in_every_format(fmt, stored_zeros):
         np.testing.assert_array_equal(
             nonzero_counts(matrix, axis), np.count_nonzero(expected, axis=axis)
         )
+
+
+def test_dropping_empty_cells_and_genes_in_place_keeps_the_values_array(small_adata):
+    from scproto.data.io import without_empty_cells_and_genes
+
+    adata = small_adata.copy()
+    for matrix in (adata.X, adata.layers["counts"]):
+        matrix[:, 3] = 0
+        matrix[7] = 0
+        matrix.eliminate_zeros()
+    expected = without_empty_cells_and_genes(adata.copy(), min_genes=1)
+    stray = adata.copy()
+    stray.layers["counts"][2, 3] = 5.0  # a value the X-based drop would lose: copy instead
+    values = adata.X.data
+    dropped = without_empty_cells_and_genes(adata, min_genes=1, inplace=True)
+    assert np.shares_memory(dropped.X.data, values)
+    for name in (None, "counts"):
+        ours = dropped.X if name is None else dropped.layers[name]
+        theirs = expected.X if name is None else expected.layers[name]
+        assert (ours != theirs).nnz == 0
+    assert list(dropped.var_names) == list(expected.var_names)
+    assert list(dropped.obs_names) == list(expected.obs_names)
+    copied = without_empty_cells_and_genes(stray, min_genes=1, inplace=True)
+    assert not np.shares_memory(copied.X.data, stray.X.data)

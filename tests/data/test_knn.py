@@ -10,10 +10,10 @@ def duplicated_points(n_unique=30, copies=4, dim=5, seed=0):
     return np.repeat(rng.normal(size=(n_unique, dim)), copies, axis=0).astype(np.float32)
 
 
-@pytest.mark.parametrize("approximate", [False, True])
-def test_a_cell_is_never_its_own_neighbour_even_with_duplicates(approximate):
+@pytest.mark.parametrize("kind", ["exact", "ivf_flat", "ivf_pq"])
+def test_a_cell_is_never_its_own_neighbour_even_with_duplicates(kind):
     points = duplicated_points()
-    neighbors, distances = knn.knn_graph(points, 10, approximate=approximate, nprobe=64)
+    neighbors, distances, _ = knn.knn_graph(points, 10, kind=kind, nprobe=64)
     n = len(points)
     assert neighbors.shape == distances.shape == (n, 10)
     assert not (neighbors == np.arange(n)[:, None]).any()
@@ -35,7 +35,8 @@ def test_drop_self_when_the_search_left_the_cell_out():
 
 def test_exact_graph_matches_brute_force():
     points = np.random.default_rng(1).normal(size=(200, 8)).astype(np.float32)
-    neighbors, distances = knn.knn_graph(points, 5)
+    neighbors, distances, recall = knn.knn_graph(points, 5)
+    assert recall == 1.0
     squared = ((points[:, None] - points[None]) ** 2).sum(-1)
     np.fill_diagonal(squared, np.inf)
     np.testing.assert_array_equal(neighbors, np.argsort(squared, axis=1)[:, :5])
@@ -44,16 +45,54 @@ def test_exact_graph_matches_brute_force():
 
 def test_cache_key_changes_with_data_and_settings_and_round_trips(tmp_path):
     matrix = sp.random(50, 20, density=0.3, format="csr", random_state=0, dtype=np.float32)
-    key = knn.data_fingerprint(matrix, {"k": 5})
-    assert key == knn.data_fingerprint(matrix.copy(), {"k": 5})
-    assert key != knn.data_fingerprint(matrix, {"k": 6})
+    rows = np.arange(40)
+    key = knn.data_fingerprint(matrix, rows, {"k": 5})
+    assert key == knn.data_fingerprint(matrix.copy(), rows.copy(), {"k": 5})
+    assert key != knn.data_fingerprint(matrix, rows, {"k": 6})
+    assert key != knn.data_fingerprint(matrix, np.arange(41), {"k": 5})
     changed = matrix.copy()
     changed.data[0] += 1
-    assert key != knn.data_fingerprint(changed, {"k": 5})
+    assert key != knn.data_fingerprint(changed, rows, {"k": 5})
 
     assert knn.load_cached(tmp_path, key) is None
     neighbors, distances = np.arange(10).reshape(5, 2), np.ones((5, 2), np.float32)
-    knn.save_cached(tmp_path, key, neighbors, distances)
+    knn.save_cached(tmp_path, key, neighbors, distances, 0.97)
     loaded = knn.load_cached(tmp_path, key)
     np.testing.assert_array_equal(loaded[0], neighbors)
     np.testing.assert_array_equal(loaded[1], distances)
+    assert loaded[2] == pytest.approx(0.97)
+
+
+def clusters(n=6000, dim=20, seed=2):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4, size=(30, dim))
+    return (centres[rng.integers(0, 30, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+START = {"ivf_flat": 4, "ivf_pq": 1}  # nprobe: lists of ~19 and ~78 cells
+
+
+@pytest.mark.parametrize("kind", ["ivf_flat", "ivf_pq"])
+@pytest.mark.parametrize("min_recall", [0.0, 0.97])
+def test_approximate_recall_is_measured_and_nprobe_raised_to_reach_the_target(kind, min_recall):
+    points = clusters()
+    neighbors, _, recall = knn.knn_graph(
+        points, 15, kind=kind, nprobe=START[kind], min_recall=min_recall
+    )
+    # the reported recall is that of the graph itself: recompute it on every row
+    exact, _, _ = knn.knn_graph(points, 15)
+    truth = np.mean([np.intersect1d(a, b).size / 15 for a, b in zip(neighbors, exact)])
+    assert abs(recall - truth) < 0.03
+    if min_recall:
+        assert recall >= min_recall
+    else:
+        assert recall < 0.95  # a few lists per cell: a poorer graph, reported as such
+
+
+def test_auto_is_exact_up_to_the_threshold_then_ivf_pq():
+    assert knn.index_kind("auto", 200_000, 200_000) == "exact"
+    assert knn.index_kind("auto", 200_001, 200_000) == "ivf_pq"
+    assert knn.index_kind("auto", 10**7, None) == "exact"
+    assert knn.index_kind("ivf_flat", 10, 200_000) == "ivf_flat"
+    with pytest.raises(knn.ScProtoInputError, match="data.knn_index must be one of"):
+        knn.index_kind("hnsw", 10, None)

@@ -56,3 +56,41 @@ def test_select_genes_reorders_and_zero_fills_with_a_warning():
 def test_select_genes_fails_clearly_without_overlap():
     with pytest.raises(ScProtoInputError, match="Only 0 of the model's 2 genes"):
         select_genes(sp.csr_matrix(np.ones((1, 2))), ["a", "b"], ["x", "y"])
+
+
+def test_pca_of_chosen_rows_fitted_on_a_subsample_stays_close_to_the_full_fit():
+    matrix = low_rank_sparse(n=3000)
+    rows = np.arange(0, 3000, 2)
+    full = randomized_pca(matrix[rows], 6, seed=0)
+    np.testing.assert_allclose(randomized_pca(matrix, 6, seed=0, rows=rows), full, atol=1e-3)
+    sub = randomized_pca(matrix, 6, seed=0, rows=rows, max_fit_cells=500)
+    assert sub.shape == full.shape
+    # the same subspace (components of similar variance may rotate within it)
+    coefficients, *_ = np.linalg.lstsq(full, sub, rcond=None)
+    residual = ((sub - full @ coefficients) ** 2).sum() / ((sub - sub.mean(0)) ** 2).sum()
+    assert residual < 0.01
+
+
+def test_in_place_normalisation_equals_the_copy_block_by_block(monkeypatch):
+    import scproto.data.preprocess as preprocess
+
+    counts = sp.random(500, 40, density=0.3, format="csr", dtype=np.float32, random_state=1)
+    counts.data = np.ceil(counts.data * 10)
+    expected = log_normalized(counts, is_counts=True, target_sum=1e4)
+    assert counts.data.max() > 1.5  # the input is left as it was
+    monkeypatch.setattr(preprocess, "NORMALIZE_BLOCK_ROWS", 64)
+    blocked = counts.copy()
+    result = log_normalized(blocked, is_counts=True, target_sum=1e4, inplace=True)
+    assert np.shares_memory(result.data, blocked.data)  # no second copy of the data
+    np.testing.assert_allclose(result.toarray(), expected.toarray(), rtol=1e-6)
+
+
+def test_hvgs_of_chosen_rows_equal_those_of_the_sliced_matrix():
+    from scproto.data.preprocess import highly_variable_genes
+
+    matrix = low_rank_sparse(n=400)
+    names = [f"g{i}" for i in range(matrix.shape[1])]
+    rows = np.arange(0, 400, 3)
+    chosen = highly_variable_genes(matrix, names, n_top_genes=30, flavor="seurat", rows=rows)
+    assert chosen == highly_variable_genes(matrix[rows], names, n_top_genes=30, flavor="seurat")
+    assert len(chosen) == 30

@@ -153,6 +153,30 @@ def test_marker_task_with_absent_genes_is_skipped_with_reason(evaluated_run, tmp
     assert "['NOT_A_GENE'] are not among the model's genes" in metrics["skipped/markers/odd"]
 
 
+def test_scib_above_its_cap_runs_on_a_stratified_subsample(evaluated_run, tmp_path, monkeypatch):
+    import pandas as pd
+
+    import scproto.evaluation.pipeline as pipeline
+
+    seen = {}
+
+    def scib_scores(embeddings, batches, labels, pca, progress_bar):
+        seen.update(n=len(batches), rows={k: len(v) for k, v in embeddings.items()}, pca=len(pca))
+        seen["types"] = labels.nunique()
+        return pd.DataFrame({"total": [0.5]}, index=["scproto"])
+
+    monkeypatch.setattr(pipeline, "scib_scores", scib_scores)
+    run_dir, _ = evaluated_run
+    inputs = read_run(run_dir, _expression(run_dir), seed=0)
+    cfg = eval_settings(**{"scib.enabled": True, "scib.max_cells": 300, "figures.enabled": False})
+    metrics = evaluate(inputs, cfg, tmp_path)
+    assert seen["rows"] == {"scproto": seen["n"], "pca": seen["n"]} and seen["pca"] == seen["n"]
+    assert 290 <= seen["n"] <= 310 and metrics["eval/scib_cells"] == seen["n"]
+    assert seen["types"] == inputs.labels.nunique()  # every type kept by the stratification
+    assert metrics["eval/cells"] == len(inputs.obs)  # the other components saw every cell
+    assert "stratified subsample of" in (tmp_path / "report.md").read_text()
+
+
 def _expression(run_dir: Path):
     from scproto.api import ScProto
     from scproto.train import load_data

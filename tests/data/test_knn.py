@@ -81,7 +81,7 @@ def test_approximate_recall_is_measured_and_nprobe_raised_to_reach_the_target(ki
     )
     # the reported recall is that of the graph itself: recompute it on every row
     exact, _, _ = knn.knn_graph(points, 15)
-    truth = np.mean([np.intersect1d(a, b).size / 15 for a, b in zip(neighbors, exact)])
+    truth = np.mean([np.intersect1d(a, b).size / 15 for a, b in zip(neighbors, exact, strict=True)])
     assert abs(recall - truth) < 0.03
     if min_recall:
         assert recall >= min_recall
@@ -94,5 +94,5 @@ def test_auto_is_exact_up_to_the_threshold_then_ivf_pq():
     assert knn.index_kind("auto", 200_001, 200_000) == "ivf_pq"
     assert knn.index_kind("auto", 10**7, None) == "exact"
     assert knn.index_kind("ivf_flat", 10, 200_000) == "ivf_flat"
-    with pytest.raises(knn.ScProtoInputError, match="data.knn_index must be one of"):
+    with pytest.raises(knn.ScProtoInputError, match=r"data\.knn_index must be one of"):
         knn.index_kind("hnsw", 10, None)

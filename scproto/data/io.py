@@ -100,9 +100,14 @@ def matrix_values(matrix) -> np.ndarray:
     return matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
 
 
-def is_whole(values: np.ndarray) -> bool:
-    """Whole numbers up to float32 rounding (counts that went through a float pipeline)."""
-    return bool(np.allclose(values, np.round(values), rtol=0, atol=1e-3))
+def is_whole(values: np.ndarray, block: int = 1 << 24) -> bool:
+    """Whole numbers up to float32 rounding (counts that went through a float pipeline).
+
+    In blocks: the rounded copy and the comparison of a whole atlas would be several GB."""
+    return all(
+        np.allclose(part, np.round(part), rtol=0, atol=1e-3)
+        for part in (values[i : i + block] for i in range(0, values.size, block))
+    )
 
 
 def check_expression(matrix, *, where: str, expect_counts: bool) -> None:
@@ -201,7 +206,7 @@ def _dropped(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> ad.AnnD
     def holds_nothing_dropped(m) -> bool:
         if not (sp.issparse(m) and m.format == "csr" and m.has_canonical_format):
             return False
-        stored_per_gene = np.bincount(m.indices, minlength=m.shape[1])
+        stored_per_gene = index_counts(m.indices, m.shape[1])
         return not stored_per_gene[~genes].any() and not np.diff(m.indptr)[~cells].any()
 
     if not all(holds_nothing_dropped(m) for m in [adata.X, *adata.layers.values()]):
@@ -237,8 +242,17 @@ def nonzero_counts(matrix, axis: int) -> np.ndarray:
         return np.asarray((matrix != 0).sum(axis=axis)).ravel()
     along_index = (matrix.format == "csr") == (axis == 0)  # columns of CSR, rows of CSC
     if along_index:
-        return np.bincount(matrix.indices, minlength=matrix.shape[1 - axis])
+        return index_counts(matrix.indices, matrix.shape[1 - axis])
     return np.diff(matrix.indptr)
+
+
+def index_counts(indices: np.ndarray, n: int, block: int = 1 << 24) -> np.ndarray:
+    """``np.bincount(indices, minlength=n)`` in blocks: bincount casts int32 indices to
+    int64 first, a 3 GB temporary for a million-cell atlas."""
+    counts = np.zeros(n, dtype=np.int64)
+    for start in range(0, indices.size, block):
+        counts += np.bincount(indices[start : start + block], minlength=n)
+    return counts
 
 
 def without_empty_cells_and_genes(

@@ -111,11 +111,13 @@ def metacells(
     n_reference_studies: int,
     library_size: float,
     labels: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
 ) -> ad.AnnData:
     """The K × genes metacell AnnData with one obs row of statistics per prototype.
 
     ``latent``, ``x`` (model input, sparse), ``prototype``, ``studies`` and ``labels``
-    describe the reference cells the statistics are computed on.
+    describe the reference cells the statistics are computed on; with ``rows``, those are
+    rows ``rows`` of ``x`` (so an atlas's model input is not copied to take them).
     """
     n_prototypes = module.hparams.n_prototypes
     prototypes = F.normalize(module.prototypes.detach(), dim=1).cpu().numpy()
@@ -124,9 +126,10 @@ def metacells(
 
     size = np.bincount(prototype, minlength=n_prototypes)
     # prototype × cell indicator, sparse: a dense one would be n_cells × K
+    columns = np.arange(len(prototype)) if rows is None else np.asarray(rows)
     members = sp.csr_matrix(
-        (np.ones(len(prototype), dtype=np.float32), (prototype, np.arange(len(prototype)))),
-        shape=(n_prototypes, len(prototype)),
+        (np.ones(len(prototype), dtype=np.float32), (prototype, columns)),
+        shape=(n_prototypes, x.shape[0]),
     )
     mean_x = np.asarray((members @ x).todense()) / np.maximum(size, 1)[:, None]
     obs = pd.DataFrame(index=[f"prototype_{k}" for k in range(n_prototypes)])

@@ -123,7 +123,8 @@ def describe_prototypes(
     table = metacells(
         model.module,
         latent=latent[reference],
-        x=datamodule.x[reference],
+        x=datamodule.x,
+        rows=np.flatnonzero(reference),
         prototype=prototype[reference],
         studies=adata.obs[datamodule.batch_key].astype(str).to_numpy()[reference],
         genes=datamodule.spec.genes,

@@ -214,7 +214,9 @@ def _dropped(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> ad.AnnD
     column = (np.cumsum(genes) - 1).astype(np.int32)
 
     def drop(matrix: sp.csr_matrix) -> sp.csr_matrix:
-        np.take(column, matrix.indices, out=matrix.indices)  # every stored column is kept
+        indices, block = matrix.indices, 1 << 24  # blocks: numpy's take would cast all to int64
+        for start in range(0, indices.size, block):  # every stored column is kept
+            indices[start : start + block] = column[indices[start : start + block]]
         indptr = np.concatenate([[0], matrix.indptr[1:][cells]])
         return sp.csr_matrix(
             (matrix.data, matrix.indices, indptr), shape=(int(cells.sum()), int(genes.sum()))

@@ -16,6 +16,10 @@ from scproto.errors import ScProtoInputError
 
 log = logging.getLogger(__name__)
 
+# Stored values handled at a time by whole-matrix passes (casts, comparisons): their
+# temporaries stay ~100 MB however large the atlas.
+BLOCK_ENTRIES = 1 << 24
+
 # Where users get the paper's files; these machines cannot download them.
 KNOWN_DOWNLOADS = {
     "Immune_ALL_human.h5ad": "https://figshare.com/ndownloader/files/25717328",
@@ -100,7 +104,7 @@ def matrix_values(matrix) -> np.ndarray:
     return matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
 
 
-def is_whole(values: np.ndarray, block: int = 1 << 24) -> bool:
+def is_whole(values: np.ndarray, block: int = BLOCK_ENTRIES) -> bool:
     """Whole numbers up to float32 rounding (counts that went through a float pipeline).
 
     In blocks: the rounded copy and the comparison of a whole atlas would be several GB."""
@@ -214,7 +218,7 @@ def _dropped(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> ad.AnnD
     column = (np.cumsum(genes) - 1).astype(np.int32)
 
     def drop(matrix: sp.csr_matrix) -> sp.csr_matrix:
-        indices, block = matrix.indices, 1 << 24  # blocks: numpy's take would cast all to int64
+        indices, block = matrix.indices, BLOCK_ENTRIES  # numpy's take would cast all to int64
         for start in range(0, indices.size, block):  # every stored column is kept
             indices[start : start + block] = column[indices[start : start + block]]
         indptr = np.concatenate([[0], matrix.indptr[1:][cells]])
@@ -248,7 +252,7 @@ def nonzero_counts(matrix, axis: int) -> np.ndarray:
     return np.diff(matrix.indptr)
 
 
-def index_counts(indices: np.ndarray, n: int, block: int = 1 << 24) -> np.ndarray:
+def index_counts(indices: np.ndarray, n: int, block: int = BLOCK_ENTRIES) -> np.ndarray:
     """``np.bincount(indices, minlength=n)`` in blocks: bincount casts int32 indices to
     int64 first, a 3 GB temporary for a million-cell atlas."""
     counts = np.zeros(n, dtype=np.int64)

@@ -161,11 +161,13 @@ class ScProto:
         seed: int = 0,
         *,
         x: sp.csr_matrix | None = None,
+        counts: sp.csr_matrix | None = None,
     ) -> "ScProto":
         """A new model that also knows the studies of ``adata`` the model has not seen.
 
-        ``x``: the model input of every row of ``adata`` (:meth:`model_input`), when the
-        caller has it already (training does); otherwise the new studies' cells are prepared.
+        ``x`` (and, for the NB likelihood, ``counts``): the model input of every row of
+        ``adata`` (:meth:`model_input`, :meth:`counts_input`), when the caller has it
+        already (training does); otherwise the new studies' cells are prepared.
 
         scArches surgery: each new study gets its own embedding row; only those rows (and
         their NB dispersion) train, for ``epochs`` epochs on the new studies' cells; every
@@ -189,12 +191,12 @@ class ScProto:
         mapped = ScProto(expand_studies(self.module, new_studies))
         codes = mapped.study_codes(adata)
         query = np.flatnonzero(codes >= len(self.studies))
-        cells = adata[query]
+        cells = adata[query]  # a view: a matrix is read only if x or counts is not given
         mapped.mapping_losses = train_new_rows(
             mapped.module,
             mapped.model_input(cells) if x is None else x[query],
             codes[query],
-            mapped.counts_input(cells),
+            mapped.counts_input(cells) if counts is None else counts[query],
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,

@@ -59,12 +59,12 @@ def load_data(data_cfg: DictConfig) -> ad.AnnData:
             "`data.path` is not set: give the .h5ad file, e.g. data.path=/data/atlas.h5ad."
         )
     layers = [data_cfg.counts_layer] if data_cfg.counts_layer else []
-    return read_h5ad(data_cfg.path, layers=layers)
+    return read_h5ad(data_cfg.path, layers=layers, backed=data_cfg.backed)
 
 
 def build_datamodule(cfg: DictConfig, adata: ad.AnnData) -> ScProtoDataModule:
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for key in ("source", "path", "synthetic"):
+    for key in ("source", "path", "synthetic", "backed"):
         data.pop(key, None)
     if data["query_studies"] is None:  # the synthetic generator marks its own query studies
         data["query_studies"] = list(adata.uns.get("query_studies", []))
@@ -244,7 +244,9 @@ def fit_and_write(
     model = reference_model = ScProto(module)
     if datamodule.query_studies:
         start = time.perf_counter()
-        model = model.map_query(datamodule.adata, seed=cfg.seed, x=datamodule.x, **cfg.query)
+        model = model.map_query(
+            datamodule.adata, seed=cfg.seed, x=datamodule.x, counts=datamodule.counts, **cfg.query
+        )
         log.info(
             "query mapping of %s: %d epochs, %.1f s, CVAE loss %s",
             datamodule.query_studies,

@@ -1,5 +1,11 @@
-"""LightningDataModule: validate → log-normalise → HVGs → PCA → kNN graph → neighbour views."""
+"""LightningDataModule: validate → log-normalise → HVGs → PCA → kNN graph → neighbour views.
 
+X in memory is prepared as one matrix; X left in its file (``read_h5ad(..., backed=True)``)
+is scanned and prepared a block of rows at a time (:mod:`scproto.data.backed`), through
+the same functions.
+"""
+
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,13 +18,14 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
-from scproto.data import knn
+from scproto.data import backed, knn
 from scproto.data.io import (
     matrix_values,
     validate_anndata,
     without_empty_cells_and_genes,
 )
 from scproto.data.preprocess import (
+    HVG_MAX_CELLS,
     PCA_MAX_CELLS,
     InputSpec,
     as_csr32,
@@ -53,6 +60,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         n_top_genes: int = 4000,
         min_genes: int = 50,
         hvg_flavor: str = "seurat",
+        hvg_max_cells: int | None = HVG_MAX_CELLS,
         target_sum: float = 1e4,
         n_pcs: int = 50,
         n_neighbors: int = 50,
@@ -73,7 +81,28 @@ class ScProtoDataModule(pl.LightningDataModule):
         inplace: bool = False,
     ) -> None:
         super().__init__()
-        adata = without_empty_cells_and_genes(adata, min_genes=min_genes, inplace=inplace)
+        if isinstance(query_studies, str):  # data.query_studies=Freytag, not a list of letters
+            query_studies = [query_studies]
+        self.query_studies = [str(s) for s in query_studies]
+        self.timings: dict[str, float] = {}
+        validate = functools.partial(
+            validate_anndata,
+            batch_key=batch_key,
+            label_key=label_key,
+            query_studies=self.query_studies,
+            n_neighbors=n_neighbors,
+            min_cells_per_study=min_cells_per_study,
+        )
+        # X still in its file: one pass checks the values and counts the empty cells and
+        # genes; self.adata then holds obs and var only, self.source the file's matrices.
+        self.source, self.source_cells, self.scan = None, None, None
+        if backed.on_disk(adata.X):
+            validate(adata, counts_layer=counts_layer, check_values=False)  # before the pass
+            adata = self._scan_source(adata, counts_layer, min_genes)
+            validate(adata, counts_layer=None, check_values=False)  # less its empty cells
+        else:
+            adata = without_empty_cells_and_genes(adata, min_genes=min_genes, inplace=inplace)
+            validate(adata, counts_layer=counts_layer)
         if n_top_genes > adata.n_vars:
             log.warning(
                 "data.n_top_genes=%d exceeds the %d genes with expression: all of them are used",
@@ -83,10 +112,8 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.adata = adata
         self.batch_key, self.label_key = batch_key, label_key
         self.counts_layer = counts_layer
-        if isinstance(query_studies, str):  # data.query_studies=Freytag, not a list of letters
-            query_studies = [query_studies]
-        self.query_studies = [str(s) for s in query_studies]
         self.n_top_genes, self.hvg_flavor, self.target_sum = n_top_genes, hvg_flavor, target_sum
+        self.hvg_max_cells = hvg_max_cells
         self.n_pcs, self.n_neighbors = n_pcs, n_neighbors
         self.pca_max_cells = pca_max_cells
         self.knn_index = knn_index
@@ -103,18 +130,9 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.seed = seed
-        self.timings: dict[str, float] = {}
         self._prepared = False
-        validate_anndata(
-            adata,
-            batch_key=batch_key,
-            label_key=label_key,
-            counts_layer=counts_layer,
-            query_studies=self.query_studies,
-            n_neighbors=n_neighbors,
-            min_cells_per_study=min_cells_per_study,
-        )
-        if likelihood == "nb" and counts_layer is None and not looks_like_counts(adata.X):
+        x_source = adata.X if self.source is None else self.source.X
+        if likelihood == "nb" and counts_layer is None and not looks_like_counts(x_source):
             raise ScProtoInputError(
                 "The NB likelihood needs raw counts, but X holds non-integer values and "
                 "`data.counts_layer` is not set. Set it to the layer with counts, or use "
@@ -126,12 +144,33 @@ class ScProtoDataModule(pl.LightningDataModule):
     def is_reference(self) -> np.ndarray:
         return ~self.adata.obs[self.batch_key].astype(str).isin(self.query_studies).to_numpy()
 
+    def _scan_source(
+        self, adata: ad.AnnData, counts_layer: str | None, min_genes: int
+    ) -> ad.AnnData:
+        """Obs and var of the cells and genes with expression in the on-disk X."""
+        with timed("scan (X on disk)", self.timings, log):
+            self.scan = backed.scan(adata.X, where="X", expect_counts=False)
+            if counts_layer is not None:
+                backed.scan(
+                    adata.layers[counts_layer],
+                    where=f"layers[{counts_layer!r}]",
+                    expect_counts=True,
+                )
+        self.source = adata
+        self.source_cells = np.flatnonzero(self.scan.cell_nonzero > 0)
+        return without_empty_cells_and_genes(
+            ad.AnnData(obs=adata.obs, var=adata.var),
+            min_genes=min_genes,
+            nonzero=(self.scan.cell_nonzero, self.scan.gene_nonzero),
+        )
+
     def setup(self, stage: str | None = None) -> None:
         if self._prepared:
             return
         adata, reference = self.adata, self.is_reference
-        is_counts = bool(looks_like_counts(adata.X))
-        largest = float(matrix_values(adata.X).max(initial=0))
+        x_source = adata.X if self.source is None else self.source.X
+        is_counts = bool(looks_like_counts(x_source))
+        largest = self.scan.largest if self.scan else float(matrix_values(adata.X).max(initial=0))
         if not is_counts and largest > 30:
             log.warning(
                 "X is treated as log-normalised but reaches %.0f; log1p(10^4-normalised) data "
@@ -139,37 +178,52 @@ class ScProtoDataModule(pl.LightningDataModule):
                 largest,
             )
         needs_counts = self.likelihood == "nb" or self.hvg_flavor == "seurat_v3"
-        raw_counts = self._raw_counts(is_counts) if needs_counts else None
-        counts_in_x = raw_counts is not None and np.shares_memory(
-            raw_counts.data, matrix_values(adata.X)
-        )
-        with timed("log-normalise", self.timings, log):
-            full = log_normalized(
-                adata.X,
-                is_counts=is_counts,
-                target_sum=self.target_sum,
-                inplace=self.inplace and not counts_in_x,
+        hvg_rows = self._hvg_rows(reference)
+        if self.source is None:
+            raw_counts = self._raw_counts(is_counts) if needs_counts else None
+            counts_in_x = raw_counts is not None and np.shares_memory(
+                raw_counts.data, matrix_values(adata.X)
             )
+            with timed("log-normalise", self.timings, log):
+                full = log_normalized(
+                    adata.X,
+                    is_counts=is_counts,
+                    target_sum=self.target_sum,
+                    inplace=self.inplace and not counts_in_x,
+                )
+            hvg_data, hvg_counts = full, raw_counts
+        else:
+            with timed("read HVG cells", self.timings, log):
+                hvg_data, hvg_counts = self._read_source_rows(hvg_rows, is_counts, needs_counts)
+            hvg_rows = None  # the rows read are those rows
         with timed("highly variable genes", self.timings, log):
             genes = highly_variable_genes(
-                full,
+                hvg_data,
                 adata.var_names,
                 n_top_genes=self.n_top_genes,
                 flavor=self.hvg_flavor,
-                counts=raw_counts,
-                rows=np.flatnonzero(reference),
+                counts=hvg_counts,
+                rows=hvg_rows,
             )
+        del hvg_data, hvg_counts
+        has_counts = needs_counts and (self.counts_layer is not None or is_counts)
         self.spec = InputSpec(
             genes=tuple(genes),
             source="X",
             is_counts=is_counts,
             target_sum=self.target_sum,
-            counts_layer=self.counts_layer if raw_counts is not None else None,
+            counts_layer=self.counts_layer if has_counts else None,
         )
-        self.x = select_genes(full, adata.var_names, genes)
         self.counts = None
-        if self.likelihood == "nb":
-            self.counts = select_genes(raw_counts, adata.var_names, genes)
+        if self.source is None:
+            self.x = select_genes(full, adata.var_names, genes)
+            if self.likelihood == "nb":
+                self.counts = select_genes(raw_counts, adata.var_names, genes)
+        else:
+            with timed("model input (streamed)", self.timings, log):
+                self.x = self._streamed(self.source.X, genes, is_counts=is_counts)
+                if self.likelihood == "nb":
+                    self.counts = self._streamed(self._source_counts(), genes, is_counts=False)
 
         studies = adata.obs[self.batch_key].astype(str)
         self.studies = sorted(studies[reference].unique())
@@ -186,6 +240,45 @@ class ScProtoDataModule(pl.LightningDataModule):
             (~reference).sum(),
             len(genes),
             sum(self.timings.values()),
+        )
+
+    def _hvg_rows(self, reference: np.ndarray) -> np.ndarray:
+        """The reference cells HVGs are chosen from: at most ``hvg_max_cells``, at random."""
+        rows = np.flatnonzero(reference)
+        if self.hvg_max_cells is None or rows.size <= self.hvg_max_cells:
+            return rows
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(rows, self.hvg_max_cells, replace=False))
+
+    def _source_counts(self):
+        return self.source.layers[self.counts_layer] if self.counts_layer else self.source.X
+
+    def _read_source_rows(self, rows, is_counts: bool, needs_counts: bool):
+        """Log data and raw counts of ``rows`` (of self.adata) from the file, for HVGs;
+        nothing is read when every gene is kept."""
+        if self.n_top_genes >= self.adata.n_vars:
+            return None, None
+        columns = self.source.var_names.get_indexer(self.adata.var_names)
+        source_rows = self.source_cells[rows]
+        log_data = backed.read_rows(self.source.X, source_rows)
+        log_data = log_normalized(
+            log_data, is_counts=is_counts, target_sum=self.target_sum, inplace=True
+        )[:, columns]
+        counts = None
+        if needs_counts and (self.counts_layer is not None or is_counts):
+            counts = backed.read_rows(self._source_counts(), source_rows)[:, columns]
+        return log_data, counts
+
+    def _streamed(self, matrix, genes, *, is_counts: bool) -> sp.csr_matrix:
+        return backed.streamed_input(
+            matrix,
+            cells=self.source_cells,
+            var_names=self.source.var_names,
+            genes=genes,
+            is_counts=is_counts,
+            target_sum=self.target_sum,
+            max_stored=self.scan.n_stored,
+            directory=self.cache_dir / "model-input" if self.cache_dir else None,
         )
 
     def _warn_small_study_groups(self) -> None:

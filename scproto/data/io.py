@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata.io import read_elem
+from anndata.io import read_elem, sparse_dataset
 
 from scproto.errors import ScProtoInputError
 
@@ -27,12 +27,16 @@ KNOWN_DOWNLOADS = {
 }
 
 
-def read_h5ad(path: str | Path, *, layers: Sequence[str] | None = None) -> ad.AnnData:
+def read_h5ad(
+    path: str | Path, *, layers: Sequence[str] | None = None, backed: bool = False
+) -> ad.AnnData:
     """Read an .h5ad file, with a message naming the path (and the download) if it is missing.
 
     ``layers``: read only ``obs``, ``var``, ``uns``, ``X`` and these layers, leaving every
     other layer and ``obsm``/``obsp``/``varm``/``varp`` on disk (a counts layer beside X
     doubles the memory of an atlas); ``None`` reads everything.
+    ``backed``: X and those layers stay in the file as anndata sparse datasets (read a
+    block of rows at a time by :mod:`scproto.data.backed`); the file stays open.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -53,7 +57,9 @@ def read_h5ad(path: str | Path, *, layers: Sequence[str] | None = None) -> ad.An
             f"resolved from the directory you run from).{hint}"
         )
     try:
-        return ad.read_h5ad(path) if layers is None else _read_parts(path, layers)
+        if layers is None and not backed:
+            return ad.read_h5ad(path)
+        return _read_parts(path, layers or [], backed=backed)
     except ScProtoInputError:
         raise
     except Exception as error:  # h5py/anndata raise many types for a corrupt file
@@ -62,8 +68,9 @@ def read_h5ad(path: str | Path, *, layers: Sequence[str] | None = None) -> ad.An
         ) from error
 
 
-def _read_parts(path: Path, layers: Sequence[str]) -> ad.AnnData:
-    with h5py.File(path, "r") as file:
+def _read_parts(path: Path, layers: Sequence[str], backed: bool) -> ad.AnnData:
+    file = h5py.File(path, "r")
+    try:
         stored = list(file["layers"]) if "layers" in file else []
         missing = [name for name in layers if name not in stored]
         if missing:
@@ -74,13 +81,22 @@ def _read_parts(path: Path, layers: Sequence[str]) -> ad.AnnData:
         skipped += [k for k in ("obsm", "obsp", "varm", "varp") if k in file and len(file[k])]
         if skipped:
             log.info("%s: not read, as the run does not use them: %s", path.name, skipped)
+
+        def matrix(element):
+            if not backed:
+                return read_elem(element)
+            return element if isinstance(element, h5py.Dataset) else sparse_dataset(element)
+
         return ad.AnnData(
-            X=read_elem(file["X"]) if "X" in file else None,
+            X=matrix(file["X"]) if "X" in file else None,
             obs=read_elem(file["obs"]),
             var=read_elem(file["var"]),
             uns=read_elem(file["uns"]) if "uns" in file else None,
-            layers={name: read_elem(file["layers"][name]) for name in layers},
+            layers={name: matrix(file["layers"][name]) for name in layers},
         )
+    finally:
+        if not backed:  # backed: the datasets read from the open file until it is collected
+            file.close()
 
 
 def _require_obs_key(adata: ad.AnnData, key: str, role: str, allow_missing: bool = False) -> None:
@@ -155,8 +171,13 @@ def validate_anndata(
     query_studies: Sequence[str],
     n_neighbors: int,
     min_cells_per_study: int,
+    check_values: bool = True,
 ) -> None:
-    """Every check a user can fail before any computation starts."""
+    """Every check a user can fail before any computation starts.
+
+    ``check_values=False`` leaves out the pass over the matrices' values (a matrix on disk
+    is checked block by block as it is scanned, :func:`scproto.data.backed.scan`).
+    """
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ScProtoInputError(f"The data is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
     check_gene_names(adata.var_names)
@@ -168,8 +189,9 @@ def validate_anndata(
             f"layers[{counts_layer!r}] (data.counts_layer) is not in the data; layers present: "
             f"{list(adata.layers.keys()) or 'none'}. Set `data.counts_layer=null` to use X."
         )
-    check_expression(adata.X, where="X", expect_counts=False)
-    if counts_layer is not None:
+    if check_values:
+        check_expression(adata.X, where="X", expect_counts=False)
+    if counts_layer is not None and check_values:
         check_expression(
             adata.layers[counts_layer], where=f"layers[{counts_layer!r}]", expect_counts=True
         )
@@ -262,19 +284,27 @@ def index_counts(indices: np.ndarray, n: int, block: int = BLOCK_ENTRIES) -> np.
 
 
 def without_empty_cells_and_genes(
-    adata: ad.AnnData, *, min_genes: int, inplace: bool = False
+    adata: ad.AnnData,
+    *,
+    min_genes: int,
+    inplace: bool = False,
+    nonzero: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ad.AnnData:
     """``adata`` less its all-zero cells and genes (a copy, only when there are some), with
     unique cell names; refused when too little is left to learn from.
 
     ``inplace``: CSR matrices keep their values array, and their column indices are
     renumbered in place (``adata`` itself is then unusable): no copy of a large atlas.
+    ``nonzero``: the non-zero values per cell and per gene, counted elsewhere (X on disk,
+    :func:`scproto.data.backed.scan`); ``adata`` then holds no matrices, only obs and var.
     """
-    if adata.X is None:
+    if adata.X is None and nonzero is None:
         raise ScProtoInputError("The data has no expression matrix (X is None).")
     if adata.n_obs == 0 or adata.n_vars == 0:
         return adata  # validate_anndata says it is empty
-    cells, genes = nonzero_counts(adata.X, 1) > 0, nonzero_counts(adata.X, 0) > 0
+    if nonzero is None:
+        nonzero = nonzero_counts(adata.X, 1), nonzero_counts(adata.X, 0)
+    cells, genes = nonzero[0] > 0, nonzero[1] > 0
     if not cells.any():
         raise ScProtoInputError(
             f"Every one of the {adata.n_obs} cells is all-zero in X: there is no expression "
@@ -291,7 +321,10 @@ def without_empty_cells_and_genes(
             cells.sum(),
             genes.sum(),
         )
-        adata = _dropped(adata, cells, genes) if inplace else adata[cells, genes].copy()
+        if inplace and adata.X is not None:
+            adata = _dropped(adata, cells, genes)
+        else:
+            adata = adata[cells, genes].copy()
     if adata.n_vars < min_genes:
         raise ScProtoInputError(
             f"The data has {adata.n_vars} genes with any expression, fewer than data.min_genes="

@@ -141,6 +141,7 @@ def highly_variable_genes(
     return list(adata.var_names[adata.var["highly_variable"].to_numpy()])
 
 
+HVG_MAX_CELLS = 200_000  # HVGs chosen from a random subsample this large (data.hvg_max_cells)
 PROJECT_BLOCK_ROWS = 131_072  # rows projected onto the components at a time
 PCA_MAX_CELLS = 200_000  # above this the components are fitted on a subsample (data.pca_max_cells)
 

@@ -83,6 +83,7 @@ RANGES = {
     "data.n_neighbors": count(1),
     "data.knn_approximate_above": count(1, optional=True),
     "data.pca_max_cells": count(2, optional=True),
+    "data.hvg_max_cells": count(2, optional=True),
     "data.knn_nprobe": count(1),
     "data.knn_min_recall": SHARE,
     "data.n_views": count(2),
@@ -119,7 +120,7 @@ RANGES = {
     "eval.scib.max_cells": count(1, optional=True),
     "eval.pca_components": count(1),
 }
-FLAGS = ("overwrite", "sinkhorn.hard", "model.reseed_prototypes")
+FLAGS = ("overwrite", "sinkhorn.hard", "model.reseed_prototypes", "data.backed")
 
 # Groups whose keys are free: instantiated targets, Hydra's own, file locations, and the
 # marker tasks (each key is a task the user names).
@@ -144,6 +145,11 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(
             f"`loss.cvae_views={cvae_views}` exceeds `data.n_views={n_views}`: L_cvae can "
             "reconstruct at most every view."
+        )
+    if OmegaConf.select(cfg, "data.backed") and OmegaConf.select(cfg, "data.source") != "h5ad":
+        problems.append(
+            "`data.backed=true` reads an .h5ad file in blocks; the synthetic data is generated "
+            "in memory. Use data=h5ad data.path=<file>, or data.backed=false."
         )
     resume = cfg.get("ckpt_path")
     if resume and not Path(resume).is_file():

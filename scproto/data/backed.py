@@ -98,8 +98,8 @@ class MappedCSR:
         self.directory = Path(tempfile.mkdtemp(prefix="model-input-", dir=parent))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
         self.n_cols, self.index_dtype = n_cols, np.dtype(index_dtype)
-        self._data = open(self.directory / "data.f32", "wb")  # noqa: SIM115 (closed in finish)
-        self._indices = open(self.directory / "indices.bin", "wb")  # noqa: SIM115
+        self._data = open(self.directory / "data.f32", "wb")  # closed in finish()
+        self._indices = open(self.directory / "indices.bin", "wb")
         self._row_nnz: list[np.ndarray] = []
 
     def append(self, block: sp.csr_matrix) -> None:

@@ -113,7 +113,7 @@ def test_a_missing_counts_layer_is_named_before_any_pass(small_adata, tmp_path):
     path = tmp_path / "a.h5ad"
     small_adata.write_h5ad(path)
     on_disk = read_h5ad(path, backed=True)
-    with pytest.raises(ScProtoInputError, match="data.counts_layer"):
+    with pytest.raises(ScProtoInputError, match=r"data\.counts_layer"):
         ScProtoDataModule(on_disk, counts_layer="spliced", **SETTINGS)
 
 
@@ -151,5 +151,5 @@ def test_train_py_on_a_file_left_on_disk(make_config, atlas_file, tmp_path):
 
 
 def test_backed_needs_a_file(make_config):
-    with pytest.raises(ScProtoInputError, match="data.backed=true"):
+    with pytest.raises(ScProtoInputError, match=r"data\.backed=true"):
         train(make_config("data.backed=true"))

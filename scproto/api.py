@@ -1,7 +1,11 @@
-"""The user-facing model object: load a trained scProto model and apply it to AnnData."""
+"""The user-facing model object: set up AnnData, train, embed, denoise, decode metacells,
+map query studies, save and load; the same model `train.py` builds."""
 
+import difflib
 import os
+import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -11,6 +15,7 @@ import pytorch_lightning as pl
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scproto.data.io import check_expression, check_gene_names
 from scproto.data.preprocess import (
@@ -27,31 +32,208 @@ from scproto.model.module import ScProtoModule
 from scproto.query import expand_studies, train_new_rows
 from scproto.run.checkpoint import load_checkpoint
 from scproto.run.directory import CHECKPOINT, atomic_path
+from scproto.run.hydra import compose_config
 from scproto.run.settings import POSITIVE, check_argument, count
 
 MODEL_FILE = "model.ckpt"  # what save() writes into a directory
+SETUP_KEY = "_scproto"  # adata.uns entry written by setup_anndata
+# Config groups whose settings are keywords of ScProto(adata, ...); data keys that
+# setup_anndata sets, or that only apply to a file, are not.
+SETTING_GROUPS = ("model", "loss", "sinkhorn", "data")
+NOT_KEYWORDS = {
+    "source", "path", "synthetic", "backed",
+    "batch_key", "label_key", "layer", "counts_layer",
+}  # fmt: skip
 
 
 class ScProto:
-    """A trained scProto model.
+    """An scProto model, trained here or loaded.
 
-    >>> model = ScProto.load("outputs/run/checkpoints/last.ckpt")
-    >>> adata.obsm["X_scproto"] = model.get_latent(adata)
-    >>> prototype, similarity = model.assign_prototypes(adata)
+    >>> ScProto.setup_anndata(adata, batch_key="study", labels_key="cell_type")
+    >>> model = ScProto(adata, n_prototypes=300)
+    >>> model.train(max_epochs=60)
+    >>> adata.obsm["X_scproto"] = model.get_latent_representation()
+    >>> model = ScProto.load("outputs/run/", adata=adata)  # a run of train.py
     """
 
-    def __init__(self, module: ScProtoModule) -> None:
+    def __init__(self, adata: "ad.AnnData | ScProtoModule", **settings) -> None:
+        """A new, untrained model of ``adata`` (registered by :meth:`setup_anndata`), or
+        the model of a trained ``ScProtoModule``.
+
+        ``settings``: any setting of the config groups model, loss, sinkhorn and data by
+        its name (``n_prototypes=300``, ``lambda_prop=1.0``, ``epsilon=0.02``,
+        ``n_top_genes=2000``), plus ``optimizer`` (``"adam"`` or ``"lars"``) and ``seed``;
+        the defaults are those of ``python train.py``.
+        """
+        self.adata: ad.AnnData | None = None
+        self.mapping_losses: list[float] = []  # CVAE loss per epoch of the last map_query
+        self._metacells: ad.AnnData | None = None
+        if isinstance(adata, ScProtoModule):
+            if settings:
+                raise TypeError("settings apply to a new model, not to a trained module")
+            self._attach(adata)
+            return
+        if not isinstance(adata, ad.AnnData):
+            raise TypeError(f"ScProto(adata): expected an AnnData, got {type(adata).__name__}")
+        self.module = None
+        self.registry, self.spec = None, None
+        self.adata = adata
+        self.config = training_config(setup_of(adata), settings)
+
+    def _attach(self, module: ScProtoModule) -> None:
         self.module = module.eval()
         self.module.cvae.settle_study_embedding()  # lookups must not change the weights
         self.registry = module.registry
         self.spec = InputSpec.from_dict(self.registry["input_spec"])
-        self.mapping_losses: list[float] = []  # CVAE loss per epoch of the last map_query
+
+    @property
+    def is_trained(self) -> bool:
+        return self.module is not None
+
+    def _trained(self) -> None:
+        if self.module is None:
+            raise ScProtoInputError("This model is not trained yet: call model.train() first.")
+
+    def _data(self, adata: ad.AnnData | None) -> ad.AnnData:
+        if adata is not None:
+            return adata
+        if self.adata is None:
+            raise ScProtoInputError(
+                "No AnnData given, and none is attached to this model: pass adata=..., or "
+                "load the model with ScProto.load(path, adata=adata)."
+            )
+        return self.adata
+
+    def __repr__(self) -> str:
+        if self.module is None:
+            cfg = self.config
+            return (
+                f"ScProto model (not trained) of {self.adata.n_obs} cells × "
+                f"{self.adata.n_vars} genes: {cfg.model.n_prototypes} prototypes, latent "
+                f"dimension {cfg.model.latent_dim}, batch key {cfg.data.batch_key!r}. "
+                "Train it with model.train()."
+            )
+        studies = self.registry["studies"]
+        reference = self.registry.get("reference_studies", studies)
+        hparams = self.module.hparams
+        source = "X" if self.spec.source == "X" else f"layers[{self.spec.source!r}]"
+        kind = "raw counts" if self.spec.is_counts else "log-normalised data"
+        lines = [
+            f"ScProto model: {hparams.n_prototypes} prototypes in a {hparams.latent_dim}-"
+            f"dimensional latent space, {hparams.likelihood.upper()} likelihood",
+            f"  input: {len(self.spec.genes)} genes from {source} ({kind})",
+            f"  studies ({self.registry['batch_key']!r}): {len(reference)} reference "
+            f"({', '.join(reference[:4])}{', …' if len(reference) > 4 else ''})"
+            + (f", {len(studies) - len(reference)} mapped" if len(studies) > len(reference) else ""),
+            f"  labels: {self.registry.get('label_key') or 'none'}",
+        ]
+        if self.adata is not None:
+            lines.append(f"  attached AnnData: {self.adata.n_obs} cells")
+        return "\n".join(lines)
+
+    # ----------------------------------------------------------------- setup and training
+    @staticmethod
+    def setup_anndata(
+        adata: ad.AnnData,
+        batch_key: str,
+        labels_key: str | None = None,
+        layer: str | None = None,
+        counts_layer: str | None = None,
+    ) -> None:
+        """Register which columns and matrices of ``adata`` the model reads.
+
+        ``batch_key``: the study (batch) column of ``obs``; ``labels_key``: cell types
+        (optional, for the prototype labels and label transfer; never used in training);
+        ``layer``: the expression to train on, raw counts (normalised to 10⁴ and log1p'd)
+        or log-normalised data; None means X. ``counts_layer``: raw counts for the NB
+        likelihood or seurat_v3 HVGs (defaults to ``layer`` when that holds counts).
+        Stored in ``adata.uns['_scproto']``.
+        """
+        if batch_key not in adata.obs:
+            raise ScProtoInputError(
+                f"batch_key {batch_key!r} is not an obs column; columns: "
+                f"{', '.join(map(repr, adata.obs.columns[:20])) or 'none'}."
+            )
+        if labels_key is not None and labels_key not in adata.obs:
+            raise ScProtoInputError(f"labels_key {labels_key!r} is not an obs column.")
+        for name, value in (("layer", layer), ("counts_layer", counts_layer)):
+            if value is not None and value not in adata.layers:
+                raise ScProtoInputError(
+                    f"{name}={value!r} is not a layer of this AnnData; layers: "
+                    f"{list(adata.layers.keys()) or 'none'}."
+                )
+        if counts_layer is None and layer is not None and looks_like_counts(adata.layers[layer]):
+            counts_layer = layer
+        adata.uns[SETUP_KEY] = {
+            "batch_key": batch_key,
+            "label_key": labels_key,
+            "layer": layer,
+            "counts_layer": counts_layer,
+        }
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        batch_size: int | None = None,
+        save_dir: str | Path | None = None,
+        progress_bar: bool = True,
+        overrides: Sequence[str] = (),
+    ) -> "ScProto":
+        """Fit the model on every cell of its AnnData, as ``python train.py`` does.
+
+        ``max_epochs`` and ``batch_size`` (anchor cells per minibatch) default to the
+        training config's (60, 512 or 1024). ``save_dir``: where the per-epoch checkpoint
+        and the CSV loss log go (a temporary folder, removed afterwards, if None).
+        ``overrides``: any other ``train.py`` override, e.g. ``["optimizer.lr=1e-3"]``.
+        Returns the model, trained.
+        """
+        from scproto import train as run  # the training path of train.py
+
+        cfg = self.config.copy()
+        updates = {
+            "trainer.max_epochs": max_epochs,
+            "trainer.accelerator": accelerator,
+            "trainer.devices": devices,
+            "trainer.enable_progress_bar": progress_bar,
+            "data.batch_size": batch_size,
+        }
+        for key, value in updates.items():
+            if value is not None:
+                OmegaConf.update(cfg, key, value)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        with tempfile.TemporaryDirectory(prefix="scproto-") as temporary:
+            directory = Path(save_dir) if save_dir is not None else Path(temporary)
+            OmegaConf.update(cfg, "paths.output_dir", str(directory))
+            if save_dir is None:
+                cfg.logger = None
+            run.validate_config(cfg)
+            pl.seed_everything(cfg.seed, workers=True)
+            datamodule = run.build_datamodule(cfg, self.adata, inplace=False)
+            datamodule.setup("fit")
+            module = run.build_module(cfg, datamodule)
+            trainer = run.build_trainer(cfg, directory)
+            trainer.fit(module, datamodule=datamodule, weights_only=True)
+        self._attach(module)
+        latent = self.latent_of(datamodule.x, self.study_codes(datamodule.adata))
+        prototype, _ = self.prototype_similarity(latent)
+        labels = run.reference_labels(datamodule)
+        self._metacells = run.describe_prototypes(self, datamodule, latent, prototype, labels)
+        self.registry["label_uncertainty_threshold"] = cfg.label_transfer.uncertainty_threshold
+        self.config = cfg
+        return self
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str = "cpu") -> "ScProto":
+    def load(
+        cls, path: str | Path, adata: ad.AnnData | None = None, map_location: str = "cpu"
+    ) -> "ScProto":
         """A saved model: a checkpoint file, a directory :meth:`save` wrote, or a run
-        directory (its ``checkpoints/last.ckpt``). Read with ``weights_only``: a file
-        carrying pickled objects is refused."""
+        directory (its ``checkpoints/last.ckpt``), with ``adata`` attached (the default
+        data of its methods). Read with ``weights_only``: a file carrying pickled
+        objects is refused."""
         path = Path(path)
         if path.is_dir():
             inside = [path / MODEL_FILE, path / CHECKPOINT]
@@ -70,7 +252,9 @@ class ScProto:
                 f"the scproto version that wrote it ({checkpoint['scproto_registry'].get('scproto_version', '?')})."
             ) from error
         module.on_load_checkpoint(checkpoint)
-        return cls(module.to(map_location))
+        model = cls(module.to(map_location))
+        model.adata = adata
+        return model
 
     # ----------------------------------------------------------------- inputs
     @property
@@ -87,22 +271,32 @@ class ScProto:
         codes = pd.Categorical(adata.obs[key].astype(str), categories=self.studies).codes
         return codes.astype(np.int64)
 
-    def model_input(self, adata: ad.AnnData) -> sp.csr_matrix:
-        """The log-normalised model genes, prepared exactly as for training."""
+    def model_input(self, adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
+        """The log-normalised model genes, prepared exactly as for training, from the
+        matrix the model was trained on (X or its layer) or from ``layer``."""
+        self._trained()
         check_gene_names(adata.var_names)
-        matrix = source_matrix(adata, self.spec.source)
+        source = layer or self.spec.source
+        where = "X" if source == "X" else f"layers[{source!r}]"
+        if source != "X" and source not in adata.layers:
+            raise ScProtoInputError(
+                f"The model reads {where}, which this AnnData lacks (layers: "
+                f"{list(adata.layers.keys()) or 'none'}). Pass layer=... naming the matrix "
+                "of the same kind (raw counts or log-normalised), or 'X'."
+            )
+        matrix = source_matrix(adata, source)
         if matrix is None:
             raise ScProtoInputError(
                 "This AnnData has no expression matrix (X is None), so there is nothing to "
                 "embed. A run's embedding.h5ad holds the embedding itself (obsm['X_scproto']); "
                 "give the expression data the model should embed."
             )
-        check_expression(matrix, where="X", expect_counts=False)
+        check_expression(matrix, where=where, expect_counts=False)
         kind = looks_like_counts(matrix)
         if kind is None:
             warnings.warn(
-                "every sampled cell of X is all-zero: these cells carry no expression, and "
-                "their embedding says only which study they come from",
+                f"every sampled cell of {where} is all-zero: these cells carry no expression, "
+                "and their embedding says only which study they come from",
                 stacklevel=2,
             )
         elif kind != self.spec.is_counts:
@@ -110,8 +304,8 @@ class ScProto:
                 ("raw counts", "log") if self.spec.is_counts else ("log-normalised", "count")
             )
             raise ScProtoInputError(
-                f"The model was trained on {trained} in X, but this X looks like {given} data. "
-                "Give the same kind of matrix the model was trained on."
+                f"The model was trained on {trained}, but {where} looks like {given} data. "
+                "Give the same kind of matrix the model was trained on (layer=...)."
             )
         full = log_normalized(
             matrix, is_counts=self.spec.is_counts, target_sum=self.spec.target_sum
@@ -224,9 +418,73 @@ class ScProto:
             parts.append(self.module.cvae.encode(rows, codes)[0].cpu())
         return torch.cat(parts).numpy()
 
+    def get_latent_representation(
+        self, adata: ad.AnnData | None = None, layer: str | None = None, batch_size: int = 4096
+    ) -> np.ndarray:
+        """Posterior mean μ of every cell (n_cells × latent_dim) of ``adata`` (the
+        model's own AnnData by default). Deterministic.
+
+        >>> adata.obsm["X_scproto"] = model.get_latent_representation(adata)
+        """
+        adata = self._data(adata)
+        x = self.model_input(adata, layer)
+        return self.latent_of(x, self.study_codes(adata), batch_size)
+
     def get_latent(self, adata: ad.AnnData, batch_size: int = 4096) -> np.ndarray:
-        """Posterior mean μ of every cell (n_cells × latent_dim). Deterministic."""
-        return self.latent_of(self.model_input(adata), self.study_codes(adata), batch_size)
+        """:meth:`get_latent_representation` (the name of earlier versions)."""
+        return self.get_latent_representation(adata, batch_size=batch_size)
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        transform_batch: str | None = None,
+        *,
+        layer: str | None = None,
+        batch_size: int = 4096,
+        return_numpy: bool = False,
+    ) -> pd.DataFrame | np.ndarray:
+        """Denoised expression of every cell: its μ decoded (cells × model genes), as
+        normalised expression (counts per ``target_sum``, 10⁴), not logged.
+
+        ``transform_batch``: decode every cell as if from this study (a name the model
+        knows), removing the study effect; None decodes each cell with its own study
+        (cells of unknown studies with the mean reference study).
+        """
+        adata = self._data(adata)
+        latent = self.get_latent_representation(adata, layer=layer, batch_size=batch_size)
+        codes = self.study_codes(adata)
+        if transform_batch is not None:
+            if str(transform_batch) not in self.studies:
+                raise ScProtoInputError(
+                    f"transform_batch={transform_batch!r} is not a study of this model; "
+                    f"studies: {self.studies[:20]}."
+                )
+            codes = np.full(len(codes), self.studies.index(str(transform_batch)))
+        cvae, device = self.module.cvae, self.module.device
+        parts = []
+        for start in range(0, len(latent), batch_size):
+            z = torch.from_numpy(latent[start : start + batch_size]).to(device)
+            study = torch.from_numpy(codes[start : start + batch_size]).to(device)
+            decoded = cvae.decode(z, cvae.condition(study)).cpu().numpy()
+            parts.append(
+                decoded * self.spec.target_sum if cvae.likelihood == "nb" else np.expm1(decoded)
+            )
+        expression = np.concatenate(parts).astype(np.float32)
+        if return_numpy:
+            return expression
+        return pd.DataFrame(expression, index=adata.obs_names, columns=list(self.spec.genes))
+
+    def get_metacells(self) -> ad.AnnData:
+        """The metacells of a model trained here: the prototype table ``train.py``
+        writes as ``metacells.h5ad`` (decoded profiles, sizes, labels, purity, study mix)."""
+        self._trained()
+        if self._metacells is None:
+            raise ScProtoInputError(
+                "The metacell table is made when training; for a loaded model read the run's "
+                "metacells.h5ad, or use decode_metacells() for the decoded profiles alone."
+            )
+        return self._metacells
 
     def get_prototypes(self) -> np.ndarray:
         """The K unit-norm prototypes (K × latent_dim)."""
@@ -292,3 +550,49 @@ class ScProto:
         frame = self.label_predictions(*self.assign_prototypes(adata), threshold=threshold)
         frame.index = adata.obs_names
         return frame
+
+
+def setup_of(adata: ad.AnnData) -> dict:
+    """What :meth:`ScProto.setup_anndata` registered on ``adata``."""
+    setup = adata.uns.get(SETUP_KEY)
+    if not setup:
+        raise ScProtoInputError(
+            "This AnnData is not set up for scProto: call "
+            "scproto.ScProto.setup_anndata(adata, batch_key=...) first."
+        )
+    return dict(setup)
+
+
+def training_config(setup: dict, settings: dict) -> DictConfig:
+    """The ``train.py`` config of a model of set-up AnnData with keyword ``settings``:
+    the same defaults, so both doors give the same model."""
+    settings = dict(settings)
+    groups = [f"optimizer={settings.pop('optimizer')}"] if "optimizer" in settings else []
+    cfg = compose_config("train", ["data=h5ad", "eval=none", *groups])
+    with open_dict(cfg):
+        cfg.data.update({k: setup.get(k) for k in ("batch_key", "label_key", "layer")})
+        cfg.data.counts_layer = setup.get("counts_layer")
+        cfg.data.query_studies = []  # every cell trains; map new studies with map_query
+        cfg.paths.cache_dir = None  # no kNN cache written next to the user's work
+        cfg.paths.output_dir = None
+        if "seed" in settings:
+            cfg.seed = settings.pop("seed")
+        for name, value in settings.items():
+            cfg[setting_group(cfg, name)][name] = value
+    return cfg
+
+
+def setting_group(cfg: DictConfig, name: str) -> str:
+    """The config group of a keyword setting, or an error that names the right one."""
+    if name in NOT_KEYWORDS:
+        raise ScProtoInputError(
+            f"{name!r} is not a model setting: batch, label and layer keys are given to "
+            "ScProto.setup_anndata, and a file's settings to train.py."
+        )
+    groups = [g for g in SETTING_GROUPS if name in cfg[g]]
+    if groups:
+        return groups[0]
+    known = sorted({k for g in SETTING_GROUPS for k in cfg[g] if k not in NOT_KEYWORDS})
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else f" Settings: {', '.join(known)}."
+    raise ScProtoInputError(f"{name!r} is not a setting of ScProto.{hint}")

@@ -17,7 +17,7 @@ import scproto
 from scproto.api import ScProto
 from scproto.data.datamodule import ScProtoDataModule
 from scproto.data.io import read_h5ad
-from scproto.data.synthetic import make_synthetic
+from scproto.datasets.synthetic import make_synthetic
 from scproto.errors import ScProtoInputError
 from scproto.evaluation import evaluate, read_run, write_metrics
 from scproto.evaluation.pipeline import OUTPUT_FILES
@@ -51,18 +51,23 @@ def load_data(data_cfg: DictConfig) -> ad.AnnData:
     if data_cfg.source == "synthetic":
         try:
             # the counts layer only when a setting reads it: a second copy of the data
-            return make_synthetic(counts_layer=bool(data_cfg.counts_layer), **data_cfg.synthetic)
+            layers = {data_cfg.counts_layer, data_cfg.layer} - {None}
+            return make_synthetic(counts_layer=bool(layers), **data_cfg.synthetic)
         except TypeError as error:  # an unknown data.synthetic.* key
             raise ScProtoInputError(f"data.synthetic: {error}.") from error
     if not data_cfg.path:
         raise ScProtoInputError(
             "`data.path` is not set: give the .h5ad file, e.g. data.path=/data/atlas.h5ad."
         )
-    layers = [data_cfg.counts_layer] if data_cfg.counts_layer else []
-    return read_h5ad(data_cfg.path, layers=layers, backed=data_cfg.backed)
+    layers = list(dict.fromkeys(k for k in (data_cfg.layer, data_cfg.counts_layer) if k))
+    return read_h5ad(
+        data_cfg.path, layers=layers, backed=data_cfg.backed, x=data_cfg.layer is None
+    )
 
 
-def build_datamodule(cfg: DictConfig, adata: ad.AnnData) -> ScProtoDataModule:
+def build_datamodule(cfg: DictConfig, adata: ad.AnnData, inplace: bool = True) -> ScProtoDataModule:
+    """``inplace``: X may be normalised in place, for an AnnData read for this run alone
+    (train.py); never for a user's object (the Python API)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for key in ("source", "path", "synthetic", "backed"):
         data.pop(key, None)
@@ -74,7 +79,7 @@ def build_datamodule(cfg: DictConfig, adata: ad.AnnData) -> ScProtoDataModule:
         min_group_size=cfg.loss.min_group_size,
         cache_dir=cfg.paths.cache_dir,
         seed=cfg.seed,
-        inplace=True,  # the AnnData was read (or generated) for this run alone
+        inplace=inplace,
         **data,
     )
 

@@ -29,7 +29,7 @@ def one_size(n_cells: int, steps: int, cvae_views: int | None, accelerator: str)
     import torch
 
     from scproto.data.datamodule import ScProtoDataModule
-    from scproto.data.synthetic import make_synthetic
+    from scproto.datasets.synthetic import make_synthetic
     from scproto.model.module import ScProtoModule
 
     row = {"cells": n_cells}

@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from scproto.data.datamodule import ScProtoDataModule
-from scproto.data.synthetic import make_synthetic
+from scproto.datasets.synthetic import make_synthetic
 from scproto.model.module import ScProtoModule
 
 

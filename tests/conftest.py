@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from scproto.data.synthetic import make_synthetic
+from scproto.datasets.synthetic import make_synthetic
 from scproto.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -55,6 +55,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         *,
         batch_key: str,
         label_key: str | None = None,
+        layer: str | None = None,
         counts_layer: str | None = None,
         query_studies: Sequence[str] = (),
         n_top_genes: int = 4000,
@@ -81,6 +82,17 @@ class ScProtoDataModule(pl.LightningDataModule):
         inplace: bool = False,
     ) -> None:
         super().__init__()
+        self.layer = layer
+        if layer is not None:  # the layer stands in for X (no copy): every step reads X
+            if layer not in adata.layers:
+                raise ScProtoInputError(
+                    f"layers[{layer!r}] (the layer to train on, data.layer) is not in the data; "
+                    f"layers present: {list(adata.layers.keys()) or 'none'}. Set it to one of "
+                    "them, or to null for X."
+                )
+            adata = ad.AnnData(
+                X=adata.layers[layer], obs=adata.obs, var=adata.var, layers=dict(adata.layers)
+            )
         if isinstance(query_studies, str):  # data.query_studies=Freytag, not a list of letters
             query_studies = [query_studies]
         self.query_studies = [str(s) for s in query_studies]
@@ -209,7 +221,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         has_counts = needs_counts and (self.counts_layer is not None or is_counts)
         self.spec = InputSpec(
             genes=tuple(genes),
-            source="X",
+            source=self.layer or "X",
             is_counts=is_counts,
             target_sum=self.target_sum,
             counts_layer=self.counts_layer if has_counts else None,

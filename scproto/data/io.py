@@ -28,7 +28,11 @@ KNOWN_DOWNLOADS = {
 
 
 def read_h5ad(
-    path: str | Path, *, layers: Sequence[str] | None = None, backed: bool = False
+    path: str | Path,
+    *,
+    layers: Sequence[str] | None = None,
+    backed: bool = False,
+    x: bool = True,
 ) -> ad.AnnData:
     """Read an .h5ad file, with a message naming the path (and the download) if it is missing.
 
@@ -37,6 +41,7 @@ def read_h5ad(
     doubles the memory of an atlas); ``None`` reads everything.
     ``backed``: X and those layers stay in the file as anndata sparse datasets (read a
     block of rows at a time by :mod:`scproto.data.backed`); the file stays open.
+    ``x=False`` leaves X in the file too (a run that trains on a layer).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -57,9 +62,9 @@ def read_h5ad(
             f"resolved from the directory you run from).{hint}"
         )
     try:
-        if layers is None and not backed:
+        if layers is None and not backed and x:
             return ad.read_h5ad(path)
-        return _read_parts(path, layers or [], backed=backed)
+        return _read_parts(path, layers or [], backed=backed, x=x)
     except ScProtoInputError:
         raise
     except Exception as error:  # h5py/anndata raise many types for a corrupt file
@@ -68,7 +73,7 @@ def read_h5ad(
         ) from error
 
 
-def _read_parts(path: Path, layers: Sequence[str], backed: bool) -> ad.AnnData:
+def _read_parts(path: Path, layers: Sequence[str], backed: bool, x: bool) -> ad.AnnData:
     file = h5py.File(path, "r")
     try:
         stored = list(file["layers"]) if "layers" in file else []
@@ -79,6 +84,7 @@ def _read_parts(path: Path, layers: Sequence[str], backed: bool) -> ad.AnnData:
             )
         skipped = [name for name in stored if name not in layers]
         skipped += [k for k in ("obsm", "obsp", "varm", "varp") if k in file and len(file[k])]
+        skipped += [] if x or "X" not in file else ["X"]
         if skipped:
             log.info("%s: not read, as the run does not use them: %s", path.name, skipped)
 
@@ -88,7 +94,7 @@ def _read_parts(path: Path, layers: Sequence[str], backed: bool) -> ad.AnnData:
             return element if isinstance(element, h5py.Dataset) else sparse_dataset(element)
 
         return ad.AnnData(
-            X=matrix(file["X"]) if "X" in file else None,
+            X=matrix(file["X"]) if x and "X" in file else None,
             obs=read_elem(file["obs"]),
             var=read_elem(file["var"]),
             uns=read_elem(file["uns"]) if "uns" in file else None,
@@ -248,13 +254,20 @@ def _dropped(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> ad.AnnD
             (matrix.data, matrix.indices, indptr), shape=(int(cells.sum()), int(genes.sum()))
         )
 
+    dropped: dict[int, sp.csr_matrix] = {}
+
+    def drop_once(matrix: sp.csr_matrix) -> sp.csr_matrix:  # X may be one of the layers
+        if id(matrix) not in dropped:
+            dropped[id(matrix)] = drop(matrix)
+        return dropped[id(matrix)]
+
     return ad.AnnData(
-        X=drop(adata.X),
+        X=drop_once(adata.X),
         obs=adata.obs[cells],
         var=adata.var[genes],
         uns=adata.uns,
         obsm={k: v[cells] for k, v in adata.obsm.items()},
-        layers={k: drop(v) for k, v in adata.layers.items()},
+        layers={k: drop_once(v) for k, v in adata.layers.items()},
     )
 
 

@@ -4,6 +4,7 @@ it writes anything, and how a user mistake ends (one message, exit code 2)."""
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,24 @@ def train_command(**replace: str) -> str | None:
     overrides = HydraConfig.get().overrides.task
     kept = [o for o in overrides if o.split("=")[0].lstrip("+~") not in replace]
     return shlex.join(["python", "train.py", *kept, *(f"{k}={v}" for k, v in replace.items())])
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``python <entry point> OVERRIDES`` composes, for the Python API (no
+    Hydra run, so nothing under ``hydra:`` resolves). Works inside a user's own Hydra app:
+    its global state is set aside and restored."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from scproto.run.settings import CONFIG_DIR
+
+    state = GlobalHydra.instance()
+    previous = state.hydra if state.is_initialized() else None
+    state.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        if previous is not None:
+            state.clear()
+            state.initialize(previous)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from scproto.errors import ScProtoInputError
 from scproto.model.optim import LARS
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped in the package
 
 # Settings with a fixed set of values.
 CHOICES = {

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 
-from scproto.data.synthetic import make_synthetic
+from scproto.datasets.synthetic import make_synthetic
 from scproto.evaluation.scgraph import (
     batch_reference,
     column_scores,

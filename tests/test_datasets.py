@@ -9,7 +9,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 
-from scproto.data.synthetic import make_synthetic
+from scproto.datasets.synthetic import make_synthetic
 
 QUERY_CORE = {"CD4 T", "CD8 T", "NK"}
 RARE_TYPE = "Megakaryocyte"
@@ -221,7 +221,7 @@ def test_the_immune_atlas_has_a_hierarchy_with_subtle_subtypes_and_three_rare_ty
 def test_rows_are_stacked_like_vstack_and_the_counts_layer_is_optional():
     from scipy import sparse
 
-    from scproto.data.synthetic import _stack_rows
+    from scproto.datasets.synthetic import _stack_rows
 
     blocks = [
         sparse.random(n, 7, density=0.3, format="csr", dtype=np.float32, random_state=n)

@@ -2,7 +2,7 @@
 PYTHON ?= python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: help install train test test-all lint format clean
+.PHONY: help install train test test-all lint format docs clean
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,11 @@ format:  ## apply ruff fixes and formatting
 	$(PYTHON) -m ruff check --fix scproto tests scripts train.py
 	$(PYTHON) -m ruff format scproto tests scripts train.py
 
+docs:  ## build the API reference site into site/ (installs the docs extra first)
+	$(PYTHON) -c "import mkdocs, mkdocstrings" 2>/dev/null || $(PYTHON) -m pip install -e '.[docs]'
+	cp CHANGELOG.md docs/changelog.md
+	$(PYTHON) -m mkdocs build --strict
+
 clean:  ## remove caches and build files (not outputs/)
-	rm -rf .pytest_cache .ruff_cache .cache build *.egg-info
+	rm -rf .pytest_cache .ruff_cache .cache build site *.egg-info docs/changelog.md
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scproto.data.io import check_expression, check_gene_names
 from scproto.data.preprocess import (
-    InputSpec,
     as_csr32,
     log_normalized,
     looks_like_counts,
@@ -30,9 +29,11 @@ from scproto.errors import ScProtoInputError
 from scproto.metacells import decode_prototypes
 from scproto.model.module import ScProtoModule
 from scproto.query import expand_studies, train_new_rows
+from scproto.registry import Registry
 from scproto.run.checkpoint import load_checkpoint
 from scproto.run.directory import CHECKPOINT, atomic_path
 from scproto.run.hydra import compose_config
+from scproto.run.quiet import quiet_third_party
 from scproto.run.settings import POSITIVE, check_argument, count
 
 MODEL_FILE = "model.ckpt"  # what save() writes into a directory
@@ -83,8 +84,8 @@ class ScProto:
     def _attach(self, module: ScProtoModule) -> None:
         self.module = module.eval()
         self.module.cvae.settle_study_embedding()  # lookups must not change the weights
-        self.registry = module.registry
-        self.spec = InputSpec.from_dict(self.registry["input_spec"])
+        self.registry: Registry = module.registry
+        self.spec = self.registry.input_spec
 
     @property
     def is_trained(self) -> bool:
@@ -113,19 +114,20 @@ class ScProto:
                 f"dimension {cfg.model.latent_dim}, batch key {cfg.data.batch_key!r}. "
                 "Train it with model.train()."
             )
-        studies = self.registry["studies"]
-        reference = self.registry.get("reference_studies", studies)
+        studies, reference = self.registry.studies, self.registry.reference_studies
         hparams = self.module.hparams
         source = "X" if self.spec.source == "X" else f"layers[{self.spec.source!r}]"
         kind = "raw counts" if self.spec.is_counts else "log-normalised data"
         lines = [
-            f"ScProto model: {hparams.n_prototypes} prototypes in a {hparams.latent_dim}-"
-            f"dimensional latent space, {hparams.likelihood.upper()} likelihood",
+            f"ScProto model: {hparams.n_prototypes} prototypes, latent dimension "
+            f"{hparams.latent_dim}, {hparams.likelihood.upper()} likelihood",
             f"  input: {len(self.spec.genes)} genes from {source} ({kind})",
-            f"  studies ({self.registry['batch_key']!r}): {len(reference)} reference "
+            f"  studies ({self.registry.batch_key!r}): {len(reference)} reference "
             f"({', '.join(reference[:4])}{', …' if len(reference) > 4 else ''})"
-            + (f", {len(studies) - len(reference)} mapped" if len(studies) > len(reference) else ""),
-            f"  labels: {self.registry.get('label_key') or 'none'}",
+            + (
+                f", {len(studies) - len(reference)} mapped" if len(studies) > len(reference) else ""
+            ),
+            f"  labels: {self.registry.label_key or 'none'}",
         ]
         if self.adata is not None:
             lines.append(f"  attached AnnData: {self.adata.n_obs} cells")
@@ -192,6 +194,7 @@ class ScProto:
         """
         from scproto import train as run  # the training path of train.py
 
+        quiet_third_party()
         cfg = self.config.copy()
         updates = {
             "trainer.max_epochs": max_epochs,
@@ -222,7 +225,7 @@ class ScProto:
         prototype, _ = self.prototype_similarity(latent)
         labels = run.reference_labels(datamodule)
         self._metacells = run.describe_prototypes(self, datamodule, latent, prototype, labels)
-        self.registry["label_uncertainty_threshold"] = cfg.label_transfer.uncertainty_threshold
+        self.registry.label_uncertainty_threshold = cfg.label_transfer.uncertainty_threshold
         self.config = cfg
         return self
 
@@ -259,11 +262,11 @@ class ScProto:
     # ----------------------------------------------------------------- inputs
     @property
     def studies(self) -> list[str]:
-        return list(self.registry["studies"])
+        return list(self.registry.studies)
 
     def study_codes(self, adata: ad.AnnData) -> np.ndarray:
         """Index of each cell's study in the model; −1 for studies it was not trained on."""
-        key = self.registry["batch_key"]
+        key = self.registry.batch_key
         if key not in adata.obs:
             raise ScProtoInputError(
                 f"obs[{key!r}] (the study key the model was trained with) is missing from the data."
@@ -339,7 +342,7 @@ class ScProto:
             "state_dict": self.module.state_dict(),
             "hyper_parameters": dict(self.module.hparams),
             "pytorch-lightning_version": pl.__version__,
-            "scproto_registry": self.registry,
+            "scproto_registry": self.registry.to_dict(),
         }
         with atomic_path(path) as temporary:
             torch.save(checkpoint, temporary)
@@ -373,7 +376,7 @@ class ScProto:
         check_argument("epochs", epochs, count(0))
         check_argument("lr", lr, POSITIVE)
         check_argument("batch_size", batch_size, count(1))
-        key = self.registry["batch_key"]
+        key = self.registry.batch_key
         self.study_codes(adata)  # checks the key
         studies = pd.unique(adata.obs[key].astype(str))
         new_studies = [s for s in studies if s not in self.studies]
@@ -385,12 +388,22 @@ class ScProto:
         mapped = ScProto(expand_studies(self.module, new_studies))
         codes = mapped.study_codes(adata)
         query = np.flatnonzero(codes >= len(self.studies))
-        cells = adata[query]  # a view: a matrix is read only if x or counts is not given
+        if x is None:  # prepare the query cells alone
+            cells = adata[query]
+            x, codes, counts, query = (
+                mapped.model_input(cells),
+                codes[query],
+                mapped.counts_input(cells),
+                np.arange(len(query)),
+            )
+        elif counts is None:
+            counts = mapped.counts_input(adata)  # None for MSE models
         mapped.mapping_losses = train_new_rows(
             mapped.module,
-            mapped.model_input(cells) if x is None else x[query],
-            codes[query],
-            mapped.counts_input(cells) if counts is None else counts[query],
+            x,
+            codes,
+            counts,
+            cells=query,
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,
@@ -497,9 +510,11 @@ class ScProto:
         similarity, prototype = scores.max(dim=1)
         return prototype.cpu().numpy(), similarity.cpu().numpy()
 
-    def assign_prototypes(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    def assign_prototypes(
+        self, adata: ad.AnnData | None = None, layer: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(index of the nearest prototype, its cosine similarity) for every cell."""
-        return self.prototype_similarity(self.get_latent(adata))
+        return self.prototype_similarity(self.get_latent_representation(adata, layer=layer))
 
     # ----------------------------------------------------------------- metacells and labels
     def decode_metacells(self) -> ad.AnnData:
@@ -512,8 +527,9 @@ class ScProto:
         statistics.
         """
         n_prototypes = self.module.hparams.n_prototypes
-        scale = np.asarray(self.registry.get("prototype_norms", np.ones(n_prototypes)))
-        n_reference = len(self.registry.get("reference_studies", self.studies))
+        norms = self.registry.prototype_norms
+        scale = np.asarray(norms if norms is not None else np.ones(n_prototypes))
+        n_reference = len(self.registry.reference_studies)
         expression, normalised = decode_prototypes(
             self.module, scale, n_reference, self.spec.target_sum
         )
@@ -530,23 +546,36 @@ class ScProto:
     ) -> pd.DataFrame:
         """Labels of the nearest prototypes, with uncertainty 1 − max(similarity, 0) × the
         prototype's label confidence; above ``threshold`` the label is 'unknown'."""
-        if "prototype_labels" not in self.registry:
+        if not self.registry.has_labels:
             raise ScProtoInputError(
                 "This model has no prototype labels: it was trained without `data.label_key`."
             )
-        labels = np.asarray(self.registry["prototype_labels"], dtype=object)
-        confidence = np.asarray(self.registry["prototype_label_confidence"], dtype=float)
+        labels = np.asarray(self.registry.prototype_labels, dtype=object)
+        confidence = np.asarray(self.registry.prototype_label_confidence, dtype=float)
         uncertainty = 1.0 - np.clip(similarity, 0.0, 1.0) * np.nan_to_num(confidence[prototype])
         if threshold is None:
-            threshold = self.registry.get("label_uncertainty_threshold", 0.7)
+            threshold = self.registry.label_uncertainty_threshold
         predicted = np.where(uncertainty > threshold, "unknown", labels[prototype])
-        return pd.DataFrame({"predicted_label": predicted, "label_uncertainty": uncertainty})
+        known = self.registry.label_categories or sorted(
+            {str(label) for label in labels if isinstance(label, str)}
+        )
+        categories = [*known, *(["unknown"] if "unknown" not in known else [])]
+        return pd.DataFrame(
+            {
+                "predicted_label": pd.Categorical(predicted, categories=categories),
+                "label_uncertainty": uncertainty,
+            }
+        )
 
-    def predict_labels(self, adata: ad.AnnData, threshold: float | None = None) -> pd.DataFrame:
-        """Cell-type label of every cell from its nearest prototype (label transfer).
+    def predict_labels(
+        self, adata: ad.AnnData | None = None, threshold: float | None = None
+    ) -> pd.DataFrame:
+        """Cell-type label of every cell from its nearest prototype (label transfer):
+        categorical, with the training labels' categories and 'unknown'.
 
-        >>> adata.obs[["predicted_label", "label_uncertainty"]] = model.predict_labels(adata).values
+        >>> adata.obs[["predicted_label", "label_uncertainty"]] = model.predict_labels(adata)
         """
+        adata = self._data(adata)
         frame = self.label_predictions(*self.assign_prototypes(adata), threshold=threshold)
         frame.index = adata.obs_names
         return frame

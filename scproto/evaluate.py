@@ -18,6 +18,7 @@ from scproto.errors import ScProtoInputError
 from scproto.evaluation import evaluate, read_run, write_metrics
 from scproto.evaluation.pipeline import is_evaluation_key
 from scproto.run.hydra import exit_with_message
+from scproto.run.quiet import quiet_third_party
 from scproto.train import CONFIG_DIR, headline, load_data
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def evaluate_run(
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     try:
         evaluate_run(Path(cfg.run_dir), cfg.get("eval"), cfg.data_path)
     except ScProtoInputError as error:

@@ -20,6 +20,7 @@ from scproto.run.directory import (
     refuse_training_run,
 )
 from scproto.run.hydra import exit_with_message
+from scproto.run.quiet import quiet_third_party
 from scproto.run.settings import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,12 @@ def map_file(cfg: DictConfig) -> Path:
     mapped = model.map_query(
         adata, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed
     )
-    latent = mapped.get_latent(adata)
-    studies = adata.obs[model.registry["batch_key"]].astype(str).to_numpy()
+    x = mapped.model_input(adata)
+    latent = mapped.latent_of(x, mapped.study_codes(adata))
+    studies = adata.obs[model.registry.batch_key].astype(str).to_numpy()
     split = np.where(np.isin(studies, list(known)), "reference", "query")
     new_studies = sorted(set(studies) - known)
-    embedding = embedding_anndata(mapped, adata.obs, split, latent, query_studies=new_studies)
+    embedding = embedding_anndata(mapped, adata.obs, split, latent, query_studies=new_studies, x=x)
     run_dir = directory.write_dir
     with atomic_path(run_dir / "embedding.h5ad") as path:
         embedding.write_h5ad(path)
@@ -70,6 +72,7 @@ def map_file(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="map_query")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     try:
         map_file(cfg)
     except ScProtoInputError as error:

@@ -31,11 +31,16 @@ def decoding_scale(latent: np.ndarray, prototype: np.ndarray, n_prototypes: int)
 
 @torch.no_grad()
 def decode_prototypes(
-    module: ScProtoModule, scale: np.ndarray, n_reference_studies: int, library_size: float
+    module: ScProtoModule,
+    scale: np.ndarray,
+    n_reference_studies: int,
+    library_size: float,
+    study: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(model-input expression, normalised expression), each K × genes.
 
-    The decoder gets each prototype at ``scale`` and the mean reference study embedding.
+    The decoder gets each prototype at ``scale`` and the mean reference study embedding
+    (or that of study index ``study``: the prototype as that study would measure it).
     MSE models decode log-normalised expression; NB models decode gene proportions, given
     here at ``library_size`` counts (NB means, not samples).
     """
@@ -46,12 +51,50 @@ def decode_prototypes(
         F.normalize(module.prototypes.detach(), dim=1)
         * torch.as_tensor(scale, dtype=torch.float32, device=device)[:, None]
     )
-    condition = cvae.mean_study_embedding(n_reference_studies).expand(len(z), -1)
-    decoded = cvae.decode(z, condition).cpu().numpy()
+    if study is None:
+        condition = cvae.mean_study_embedding(n_reference_studies)
+    else:
+        condition = cvae.study_embedding(torch.tensor([study], device=device))[0]
+    decoded = cvae.decode(z, condition.expand(len(z), -1)).cpu().numpy()
     if cvae.likelihood == "nb":
         normalised = decoded * library_size
         return np.log1p(normalised), normalised
     return decoded, np.expm1(decoded)
+
+
+MEMBER_BLOCK_ROWS = 131_072  # cells summed at a time: bounds the expm1 copy of the input
+
+
+def member_sums(
+    members: sp.csr_matrix, x, library_sizes: np.ndarray | None, target_sum: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per prototype, the summed normalised expression (expm1 of the log input) of its
+    member cells, and their summed raw counts (recovered exactly from the input and each
+    cell's library size: counts = expm1(x) · library / target_sum), in blocks of cells."""
+    members = members.tocsc()  # sliced by cells below
+    normalised = np.zeros((members.shape[0], x.shape[1]), dtype=np.float64)
+    counts = None if library_sizes is None else np.zeros_like(normalised)
+    for start in range(0, x.shape[0], MEMBER_BLOCK_ROWS):
+        stop = min(start + MEMBER_BLOCK_ROWS, x.shape[0])
+        block = members[:, start:stop]
+        if block.nnz == 0:
+            continue
+        values = x[start:stop].copy()
+        values.data = np.expm1(values.data)
+        normalised += np.asarray((block @ values).todense())
+        if counts is not None:
+            per_cell = library_sizes[start:stop] / target_sum
+            values.data = np.round(values.data * np.repeat(per_cell, np.diff(values.indptr)))
+            counts += np.asarray((block @ values).todense())
+    return normalised, counts
+
+
+def label_categories(labels) -> list[str]:
+    """The label categories of the input (its own order when categorical), as strings."""
+    series = pd.Series(labels)
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        return [str(c) for c in series.cat.categories]
+    return sorted(series.dropna().astype(str).unique())
 
 
 def majority(labels: Sequence) -> tuple[str, float]:
@@ -62,14 +105,30 @@ def majority(labels: Sequence) -> tuple[str, float]:
     return str(counts.index[0]), float(counts.iloc[0] / counts.sum())
 
 
+SIMILARITY_BLOCK_ENTRIES = 1 << 24  # prototype × cell similarities held at a time
+
+
+def most_similar_cells(prototypes: np.ndarray, unit: np.ndarray, k: int) -> np.ndarray:
+    """Indices (K × k, unordered) of the k unit-norm cells most similar to each prototype.
+
+    Prototypes are taken in blocks: K × cells similarities (and their int64 argpartition)
+    would be 35 GB for the HLCA's 5,000 prototypes and 585k cells."""
+    k = min(k, unit.shape[0])
+    block = max(1, SIMILARITY_BLOCK_ENTRIES // unit.shape[0])
+    return np.concatenate(
+        [
+            np.argpartition(-(prototypes[start : start + block] @ unit.T), k - 1, axis=1)[:, :k]
+            for start in range(0, len(prototypes), block)
+        ]
+    )
+
+
 def top_similar_labels(
     latent: np.ndarray, labels: np.ndarray, prototypes: np.ndarray, k: int = 10
 ) -> tuple[list[str], np.ndarray]:
     """Majority label among the k cells most similar to each prototype, and its share."""
     unit = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
-    similarity = prototypes @ unit.T  # K × cells
-    k = min(k, unit.shape[0])
-    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    nearest = most_similar_cells(prototypes, unit, k)
     results = [majority(labels[rows]) for rows in nearest]
     return [r[0] for r in results], np.array([r[1] for r in results])
 
@@ -112,12 +171,26 @@ def metacells(
     library_size: float,
     labels: np.ndarray | None = None,
     rows: np.ndarray | None = None,
+    library_sizes: np.ndarray | None = None,
+    study_names: Sequence[str] = (),
 ) -> ad.AnnData:
     """The K × genes metacell AnnData with one obs row of statistics per prototype.
 
     ``latent``, ``x`` (model input, sparse), ``prototype``, ``studies`` and ``labels``
     describe the reference cells the statistics are computed on; with ``rows``, those are
     rows ``rows`` of ``x`` (so an atlas's model input is not copied to take them).
+    ``library_sizes``: every row's raw library size when the input was counts (then the
+    members' counts are summed too); ``study_names``: the model's reference studies, each
+    of which gets its decoded profile.
+
+    X holds the decoded profiles (model input space), ``layers['normalized']`` them
+    normalised; beside them the members' pseudobulk: ``layers['members_normalized']``
+    (mean normalised expression, comparable with 'normalized'), and with library sizes
+    ``layers['members_counts']`` (summed counts) and ``layers['members_counts_mean']``;
+    ``layers['normalized_<study>']`` each prototype decoded with that study's embedding.
+    Labels are categorical with the input's categories; an empty prototype's
+    ``label_assigned`` and ``purity`` are missing, and ``label`` (the one label transfer
+    uses) falls back to ``label_top10``.
     """
     n_prototypes = module.hparams.n_prototypes
     prototypes = F.normalize(module.prototypes.detach(), dim=1).cpu().numpy()
@@ -132,6 +205,7 @@ def metacells(
         shape=(n_prototypes, x.shape[0]),
     )
     mean_x = np.asarray((members @ x).todense()) / np.maximum(size, 1)[:, None]
+    normalised_sum, counts_sum = member_sums(members, x, library_sizes, library_size)
     obs = pd.DataFrame(index=[f"prototype_{k}" for k in range(n_prototypes)])
     obs["n_cells"] = size
     obs["is_empty"] = size == 0
@@ -149,18 +223,32 @@ def metacells(
     obs["study_entropy"] = np.where(size > 0, entropy, np.nan)
 
     if labels is not None:
+        categories = label_categories(labels)
         labels = np.asarray(pd.Series(labels).astype(object).where(pd.notna(labels), None))
-        obs["label_top10"], obs["label_top10_confidence"] = top_similar_labels(
-            latent, labels, prototypes
-        )
+        top10, obs["label_top10_confidence"] = top_similar_labels(latent, labels, prototypes)
         by_assigned = [majority(labels[prototype == k]) for k in range(n_prototypes)]
-        obs["label_assigned"] = [label for label, _ in by_assigned]
+        assigned = [label or None for label, _ in by_assigned]
+        obs["label_assigned"] = pd.Categorical(assigned, categories=categories)
         obs["purity"] = [share for _, share in by_assigned]
+        obs["label_top10"] = pd.Categorical([t or None for t in top10], categories=categories)
+        # the label label transfer uses: the members' majority, else the 10 nearest cells'
+        obs["label"] = obs["label_assigned"].where(~obs["is_empty"], obs["label_top10"])
+        obs["label_confidence"] = obs["purity"].where(
+            ~obs["is_empty"], obs["label_top10_confidence"]
+        )
 
     result = ad.AnnData(
         X=expression.astype(np.float32), obs=obs, var=pd.DataFrame(index=list(genes))
     )
     result.layers["normalized"] = normalised.astype(np.float32)
+    denominator = np.maximum(size, 1)[:, None]
+    result.layers["members_normalized"] = (normalised_sum / denominator).astype(np.float32)
+    if counts_sum is not None:
+        result.layers["members_counts"] = counts_sum.astype(np.float32)
+        result.layers["members_counts_mean"] = (counts_sum / denominator).astype(np.float32)
+    for index, name in enumerate(study_names):
+        per_study = decode_prototypes(module, scale, n_reference_studies, library_size, index)
+        result.layers[f"normalized_{str(name).replace('/', '_')}"] = per_study[1].astype(np.float32)
     result.obsm["prototype"] = prototypes
     result.uns["decoding"] = {
         "condition": "mean of the reference study embeddings",

@@ -32,6 +32,20 @@ def unique_obs_columns(obs: pd.DataFrame, written: dict[str, Any]) -> pd.DataFra
     return obs
 
 
+def prototype_names(n_prototypes: int) -> list[str]:
+    """The names of prototypes in every output: metacells.h5ad's rows, obs['prototype']."""
+    return [f"prototype_{k}" for k in range(n_prototypes)]
+
+
+def prototype_index(values) -> np.ndarray:
+    """The prototype index of each cell from ``obs['prototype']``: categorical names
+    (``prototype_<k>``), or the integers earlier versions wrote."""
+    series = pd.Series(values)
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        return series.astype(str).str.removeprefix("prototype_").astype(np.int64).to_numpy()
+    return series.to_numpy(dtype=np.int64)
+
+
 def embedding_anndata(
     model: ScProto,
     obs: pd.DataFrame,
@@ -39,28 +53,39 @@ def embedding_anndata(
     latent: np.ndarray,
     *,
     query_studies: Sequence[str] = (),
+    x=None,
 ) -> ad.AnnData:
-    """Every cell with its input obs, ``obs['split']``, nearest prototype and similarity,
-    transferred label and uncertainty (when the model has prototype labels), and
-    ``obsm['X_scproto']`` (μ) with its unit-norm version."""
+    """Every cell with its input obs, ``obs['split']``, nearest prototype (categorical,
+    named as the rows of metacells.h5ad) and similarity, transferred label and
+    uncertainty (when the model has prototype labels), ``obsm['X_scproto']`` (μ) with its
+    unit-norm version, and as X the model input ``x`` (log-normalised model genes), so
+    cells can be coloured by a gene."""
     prototype, similarity = model.prototype_similarity(latent)
+    names = prototype_names(model.module.hparams.n_prototypes)
     columns = {
         "split": pd.Categorical(split, categories=["reference", "query"]),
-        "prototype": prototype,
+        "prototype": pd.Categorical.from_codes(prototype, categories=names),
         "prototype_similarity": similarity,
     }
-    if "prototype_labels" in model.registry:
+    if model.registry.has_labels:
         predictions = model.label_predictions(prototype, similarity)
-        columns["predicted_label"] = predictions["predicted_label"].to_numpy()
+        columns["predicted_label"] = predictions["predicted_label"].array  # categorical
         columns["label_uncertainty"] = predictions["label_uncertainty"].to_numpy()
-    embedding = ad.AnnData(obs=unique_obs_columns(obs, columns))
+    embedding = ad.AnnData(
+        X=x,
+        obs=unique_obs_columns(obs, columns),
+        var=None if x is None else pd.DataFrame(index=list(model.spec.genes)),
+    )
     embedding.obsm["X_scproto"] = latent
     norms = np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
     embedding.obsm["X_scproto_unit"] = latent / norms
     embedding.uns["scproto"] = {
-        "batch_key": model.registry["batch_key"],
-        "label_key": model.registry.get("label_key") or "",
+        "batch_key": model.registry.batch_key,
+        "label_key": model.registry.label_key or "",
         "query_studies": list(query_studies),
+        "X": "log-normalised expression of the model genes (the model input)"
+        if x is not None
+        else "",
         "version": scproto.__version__,
     }
     return embedding

@@ -45,7 +45,7 @@ def expand_studies(module: ScProtoModule, new_studies: list[str]) -> ScProtoModu
         mask[n_old:] = 1.0
         parameter.register_hook(lambda grad, mask=mask: grad * mask)
     module.hparams["n_studies"] = n_old + n_new
-    module.registry = {**module.registry, "studies": [*module.registry["studies"], *new_studies]}
+    module.registry = module.registry.with_studies(new_studies)
     return module
 
 
@@ -64,8 +64,13 @@ def train_new_rows(
     lr: float = 1e-2,
     batch_size: int = 1024,
     seed: int = 0,
+    cells: np.ndarray | None = None,
 ) -> list[float]:
-    """Adam on L_cvae = recon + kl_weight·KL over the query cells; returns the epoch losses."""
+    """Adam on L_cvae = recon + kl_weight·KL over the query cells; returns the epoch losses.
+
+    ``cells``: the rows of ``x``, ``study`` and ``counts`` that are query cells (all by
+    default), so an atlas's model input is not copied to take them."""
+    cells = np.arange(x.shape[0]) if cells is None else np.asarray(cells)
     optimizer = torch.optim.Adam(new_row_parameters(module), lr=lr)
     torch.manual_seed(seed)  # the reparameterisation noise and dropout
     rng = np.random.default_rng(seed)
@@ -74,15 +79,14 @@ def train_new_rows(
     losses = []
     module.train()
     for _ in trange(epochs, desc="query mapping", leave=False, disable=epochs == 0):
-        order = rng.permutation(x.shape[0])
+        order = rng.permutation(len(cells))
         total = 0.0
         for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+            rows = cells[order[start : start + batch_size]]
             xb = torch.from_numpy(dense_rows(x, rows)).to(device)
             sb = torch.from_numpy(study[rows]).to(device)
             cb = None if counts is None else torch.from_numpy(dense_rows(counts, rows)).to(device)
-            terms = module.cvae.loss(xb, sb, module.cvae(xb, sb), counts=cb)
-            loss = terms["recon"] + kl_weight * terms["kl"]
+            loss = module.cvae.loss(xb, sb, module.cvae(xb, sb), cb, kl_weight=kl_weight)["cvae"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -3,6 +3,7 @@
 import copy
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 import scproto
 from scproto.api import ScProto
@@ -30,8 +32,15 @@ from scproto.run.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from scproto.run.directory import CHECKPOINT, MODEL_OUTPUTS, RunDirectory, atomic_path
+from scproto.run.directory import (
+    CHECKPOINT,
+    MODEL_OUTPUTS,
+    SYNTHETIC_DATA,
+    RunDirectory,
+    atomic_path,
+)
 from scproto.run.hydra import exit_with_message
+from scproto.run.quiet import quiet_third_party
 from scproto.run.settings import CONFIG_DIR, validate_config
 from scproto.tracking import (
     finish_wandb,
@@ -60,9 +69,7 @@ def load_data(data_cfg: DictConfig) -> ad.AnnData:
             "`data.path` is not set: give the .h5ad file, e.g. data.path=/data/atlas.h5ad."
         )
     layers = list(dict.fromkeys(k for k in (data_cfg.layer, data_cfg.counts_layer) if k))
-    return read_h5ad(
-        data_cfg.path, layers=layers, backed=data_cfg.backed, x=data_cfg.layer is None
-    )
+    return read_h5ad(data_cfg.path, layers=layers, backed=data_cfg.backed, x=data_cfg.layer is None)
 
 
 def build_datamodule(cfg: DictConfig, adata: ad.AnnData, inplace: bool = True) -> ScProtoDataModule:
@@ -85,7 +92,7 @@ def build_datamodule(cfg: DictConfig, adata: ad.AnnData, inplace: bool = True) -
 
 
 def build_module(cfg: DictConfig, datamodule: ScProtoDataModule) -> ScProtoModule:
-    registry = {**datamodule.registry, "scproto_version": scproto.__version__}
+    registry = replace(datamodule.registry, scproto_version=scproto.__version__)
     return ScProtoModule(
         n_genes=len(datamodule.spec.genes),
         n_studies=len(datamodule.studies),
@@ -136,18 +143,18 @@ def describe_prototypes(
         n_reference_studies=len(datamodule.studies),
         library_size=datamodule.spec.target_sum,
         labels=labels,
+        library_sizes=datamodule.library_size,
+        study_names=datamodule.studies,
     )
-    model.registry["prototype_norms"] = table.obs["decoding_norm"].tolist()
+    model.registry.prototype_norms = table.obs["decoding_norm"].tolist()
     if labels is not None:
         # The cells a prototype is nearest to speak for the cells it will label; an empty
         # prototype falls back to the label of its 10 most similar cells.
-        obs = table.obs
-        model.registry["prototype_labels"] = (
-            obs["label_assigned"].where(~obs["is_empty"], obs["label_top10"]).tolist()
-        )
-        model.registry["prototype_label_confidence"] = (
-            obs["purity"].where(~obs["is_empty"], obs["label_top10_confidence"]).tolist()
-        )
+        model.registry.prototype_labels = [
+            None if pd.isna(label) else str(label) for label in table.obs["label"]
+        ]
+        model.registry.prototype_label_confidence = table.obs["label_confidence"].tolist()
+        model.registry.label_categories = list(table.obs["label"].cat.categories)
     return table
 
 
@@ -158,8 +165,9 @@ def summarize_metacells(table: ad.AnnData, labels: np.ndarray | None) -> dict[st
         "metacells/empty_prototypes": float(table.obs["is_empty"].sum()),
     }
     if labels is not None:
+        # a type owns a prototype only through a non-empty one
         types = pd.Series(labels).dropna().astype(str).unique()
-        owned = set(table.obs["label_top10"])
+        owned = set(table.obs["label"][~table.obs["is_empty"]].dropna().astype(str))
         summary["metacells/types_with_prototype_share"] = float(
             np.mean([t in owned for t in types])
         )
@@ -193,6 +201,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     try:
         adata = load_data(cfg.data)
+        if cfg.data.source == "synthetic" and rank_zero_only.rank == 0:  # before normalising
+            with atomic_path(directory.write_dir / SYNTHETIC_DATA) as path:
+                adata.write_h5ad(path)
         datamodule = build_datamodule(cfg, adata)
         datamodule.setup("fit")
         module = build_module(cfg, datamodule)
@@ -265,7 +276,7 @@ def fit_and_write(
     prototype, _ = model.prototype_similarity(latent)
     labels = reference_labels(datamodule)
     table = describe_prototypes(model, datamodule, latent, prototype, labels)
-    model.registry["label_uncertainty_threshold"] = cfg.label_transfer.uncertainty_threshold
+    model.registry.label_uncertainty_threshold = cfg.label_transfer.uncertainty_threshold
     model.save(run_dir / CHECKPOINT, overwrite=True)  # the model that wrote the outputs below
     with atomic_path(run_dir / "metacells.h5ad") as path:
         table.write_h5ad(path)
@@ -273,7 +284,12 @@ def fit_and_write(
         np.save(path, model.get_prototypes())
     split = np.where(datamodule.is_reference, "reference", "query")
     embedding = embedding_anndata(
-        model, datamodule.adata.obs, split, latent, query_studies=datamodule.query_studies
+        model,
+        datamodule.adata.obs,
+        split,
+        latent,
+        query_studies=datamodule.query_studies,
+        x=datamodule.x,
     )
     with atomic_path(run_dir / "embedding.h5ad") as path:
         embedding.write_h5ad(path)
@@ -313,6 +329,7 @@ def optimized_value(metrics: dict[str, float], name: str | None) -> float | None
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_third_party()
     try:
         metrics, objects = train(cfg)
         if not objects["trainer"].is_global_zero:

@@ -37,9 +37,7 @@ def test_non_finite_values(model, small_adata):
 def test_log_data_for_a_model_trained_on_counts(model, small_adata):
     adata = small_adata.copy()
     adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))
-    with pytest.raises(
-        ScProtoInputError, match="trained on raw counts in X, but this X looks like log"
-    ):
+    with pytest.raises(ScProtoInputError, match="trained on raw counts, but X looks like log"):
         model.get_latent(adata)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from scproto import ScProto
 from scproto.metacells import decoding_scale, majority, pearson_rows, top_similar_labels
+from scproto.outputs import prototype_index
 from scproto.train import train
 from tests.conftest import N_EXPRESSED_GENES, compose_config
 
@@ -71,6 +72,63 @@ def test_run_writes_metacells_with_their_table(run):
     np.testing.assert_array_equal(study_counts, obs["n_cells"])
 
 
+def test_member_pseudobulk_sums_the_members_raw_counts(run, small_adata):
+    path, _ = run
+    table = ad.read_h5ad(path / "metacells.h5ad")
+    embedding = ad.read_h5ad(path / "embedding.h5ad")
+    reference = (embedding.obs["split"] == "reference").to_numpy()
+    prototype = prototype_index(embedding.obs["prototype"])
+    counts = small_adata[embedding.obs_names, list(table.var_names)].X  # the raw counts
+    for k in np.flatnonzero(~table.obs["is_empty"].to_numpy())[:5]:
+        members = reference & (prototype == k)
+        expected = np.asarray(counts[members].sum(axis=0)).ravel()
+        np.testing.assert_allclose(table.layers["members_counts"][k], expected, rtol=1e-6)
+        np.testing.assert_allclose(
+            table.layers["members_counts_mean"][k], expected / members.sum(), rtol=1e-5
+        )
+    empty = table.obs["is_empty"].to_numpy()
+    assert not table.layers["members_counts"][empty].any()
+    studies = [f"normalized_study_{i}" for i in range(3)]
+    assert set(studies) <= set(table.layers)  # one decoded profile per reference study
+    assert not np.allclose(table.layers[studies[0]], table.layers[studies[1]])
+
+
+def test_labels_share_categories_and_empty_prototypes_have_none(run):
+    path, _ = run
+    obs = ad.read_h5ad(path / "metacells.h5ad").obs
+    categories = list(obs["label_top10"].cat.categories)
+    assert list(obs["label_assigned"].cat.categories) == categories
+    assert list(obs["label"].cat.categories) == categories
+    assert obs.loc[obs["is_empty"], "label_assigned"].isna().all()
+    assert obs.loc[~obs["is_empty"], "label"].equals(obs.loc[~obs["is_empty"], "label_assigned"])
+    assert obs["label"].notna().all()  # empty prototypes fall back to label_top10
+    embedding = ad.read_h5ad(path / "embedding.h5ad")
+    predicted = embedding.obs["predicted_label"]
+    assert list(predicted.cat.categories) == [*categories, "unknown"]
+
+
+def test_the_scanpy_workflow_needs_no_casts(run):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    path, _ = run
+    embedding = ad.read_h5ad(path / "embedding.h5ad")
+    assert "CD3E" in embedding.var_names  # coloured by a gene straight away
+    sc.pp.neighbors(embedding, use_rep="X_scproto")
+    sc.tl.umap(embedding)
+    sc.pl.umap(embedding, color=["prototype", "CD3E", "predicted_label"], show=False)
+    assert isinstance(embedding.obs["prototype"].dtype, pd.CategoricalDtype)
+    assert len(embedding.uns["prototype_colors"]) == 20
+    metacells = ad.read_h5ad(path / "metacells.h5ad")
+    used = metacells[~metacells.obs["is_empty"]].copy()
+    groups = used.obs["label"].value_counts()
+    used = used[used.obs["label"].isin(groups.index[groups >= 2])].copy()
+    sc.tl.rank_genes_groups(used, groupby="label", method="wilcoxon")
+    assert "rank_genes_groups" in used.uns
+
+
 def test_metacells_decode_deterministically_and_as_the_run_wrote(run):
     path, _ = run
     model = ScProto.load(path / "checkpoints" / "last.ckpt")
@@ -90,7 +148,7 @@ def test_label_transfer_writes_labels_and_reloads(run, small_adata):
     predicted = model.predict_labels(small_adata)
     pd.testing.assert_series_equal(
         predicted["predicted_label"].reset_index(drop=True),
-        embedding.obs["predicted_label"].astype(str).reset_index(drop=True),
+        embedding.obs["predicted_label"].reset_index(drop=True),
         check_names=False,
     )
     everything_unknown = model.predict_labels(small_adata, threshold=-1.0)

@@ -32,9 +32,7 @@ def trained(reference):
     return model.train(max_epochs=2, batch_size=128, progress_bar=False)
 
 
-def test_train_py_and_the_python_object_give_the_same_embedding(
-    make_config, reference, tmp_path
-):
+def test_train_py_and_the_python_object_give_the_same_embedding(make_config, reference, tmp_path):
     path = tmp_path / "reference.h5ad"
     reference.write_h5ad(path)
     cfg = make_config(
@@ -90,7 +88,7 @@ def test_metacells_and_labels_come_with_training(trained):
     metacells = trained.get_metacells()
     assert metacells.n_obs == 20
     assert "label_assigned" in metacells.obs
-    assert len(trained.registry["prototype_labels"]) == 20
+    assert len(trained.registry.prototype_labels) == 20
     assert "predicted_label" in trained.predict_labels(trained.adata)
 
 

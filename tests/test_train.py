@@ -6,10 +6,12 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 
 from scproto import ScProto, ScProtoInputError
+from scproto.outputs import prototype_index
 from scproto.train import CONFIG_DIR, train
 from tests.conftest import N_EXPRESSED_GENES, SHARED_DATA, SMALL_SYNTHETIC, run_train_cli
 
@@ -76,7 +78,7 @@ def test_input_obs_columns_that_clash_are_kept(make_config, tmp_path, small_adat
     )
     obs = objects["embedding"].obs
     assert (obs["prototype_input"] == "from the user").all()
-    assert obs["prototype"].dtype.kind == "i"
+    assert isinstance(obs["prototype"].dtype, pd.CategoricalDtype)
     assert "split_input" not in obs  # same values as the run's split: nothing to keep
 
 
@@ -95,14 +97,15 @@ def test_save_load_gives_the_identical_embedding(make_config, tmp_path, small_ad
     written = ad.read_h5ad(tmp_path / "run" / "embedding.h5ad")
     np.testing.assert_array_equal(model.get_latent(small_adata), written.obsm["X_scproto"])
     prototype, similarity = model.assign_prototypes(small_adata)
-    np.testing.assert_array_equal(prototype, written.obs["prototype"])
+    np.testing.assert_array_equal(prototype, prototype_index(written.obs["prototype"]))
     np.testing.assert_array_equal(similarity, written.obs["prototype_similarity"])
     np.testing.assert_array_equal(
         model.get_prototypes(), np.load(tmp_path / "run" / "prototypes.npy")
     )
-    assert model.registry["studies"] == ["study_0", "study_1", "study_2", "study_3"]  # query mapped
-    assert len(model.registry["input_spec"]["genes"]) == N_EXPRESSED_GENES
-    assert model.registry["scproto_version"]
+    assert model.registry.studies == ["study_0", "study_1", "study_2", "study_3"]  # query mapped
+    assert model.registry.reference_studies == ["study_0", "study_1", "study_2"]
+    assert len(model.registry.input_spec.genes) == N_EXPRESSED_GENES
+    assert model.registry.scproto_version
 
 
 def test_reloaded_model_embeds_shuffled_genes_identically(make_config, tmp_path, small_adata):

@@ -38,6 +38,7 @@ from scproto.evaluation.scgraph import configured_reference, scgraph_scores
 from scproto.evaluation.scib import scib_scores, skip_reason, use_jax_platform
 from scproto.run.directory import atomic_path
 from scproto.run.hydra import exit_with_message
+from scproto.run.quiet import quiet_third_party
 from scproto.run.settings import CONFIG_DIR
 from scproto.train import load_data
 
@@ -408,6 +409,7 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="benchmark")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     try:
         run_benchmark(cfg, Path(cfg.paths.output_dir))
     except ScProtoInputError as error:

@@ -67,6 +67,7 @@ class Scan:
 
     cell_nonzero: np.ndarray  # non-zero values per row
     gene_nonzero: np.ndarray  # non-zero values per column
+    row_sum: np.ndarray  # per cell: its library size when the matrix holds counts
     largest: float
     n_stored: int  # stored values: bounds the model input's
 
@@ -76,14 +77,16 @@ def scan(matrix, *, where: str, expect_counts: bool) -> Scan:
     and count the non-zero values per cell and gene."""
     cell_nonzero = np.zeros(matrix.shape[0], dtype=np.int64)
     gene_nonzero = np.zeros(matrix.shape[1], dtype=np.int64)
+    row_sum = np.zeros(matrix.shape[0], dtype=np.float64)
     largest, n_stored = 0.0, 0
     for start, block in row_blocks(matrix):
         check_expression(block, where=where, expect_counts=expect_counts)
         cell_nonzero[start : start + block.shape[0]] = nonzero_counts(block, 1)
         gene_nonzero += nonzero_counts(block, 0)
+        row_sum[start : start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
         largest = max(largest, float(matrix_values(block).max(initial=0)))
         n_stored += block.nnz
-    return Scan(cell_nonzero, gene_nonzero, largest, n_stored)
+    return Scan(cell_nonzero, gene_nonzero, row_sum, largest, n_stored)
 
 
 class MappedCSR:

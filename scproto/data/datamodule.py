@@ -38,6 +38,7 @@ from scproto.data.preprocess import (
 )
 from scproto.data.views import ViewBatchSampler, ViewRows, identity_collate, neighbor_probabilities
 from scproto.errors import ScProtoInputError
+from scproto.registry import Registry
 from scproto.timing import timed
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,14 @@ class ScProtoDataModule(pl.LightningDataModule):
                 "X is treated as log-normalised but reaches %.0f; log1p(10^4-normalised) data "
                 "rarely exceeds ~10. If X is normalised but not logged, pass raw counts instead.",
                 largest,
+            )
+        # Library sizes of raw counts: the metacells' member counts are recovered with them.
+        self.library_size = None
+        if is_counts:
+            self.library_size = (
+                np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel()
+                if self.source is None
+                else self.scan.row_sum[self.source_cells]
             )
         needs_counts = self.likelihood == "nb" or self.hvg_flavor == "seurat_v3"
         hvg_rows = self._hvg_rows(reference)
@@ -359,16 +368,16 @@ class ScProtoDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ what the model needs
     @property
-    def registry(self) -> dict:
+    def registry(self) -> Registry:
         """Everything inference needs to turn new AnnData into model input."""
-        return {
-            "input_spec": self.spec.to_dict(),
-            "batch_key": self.batch_key,
-            "label_key": self.label_key,
-            "studies": list(self.studies),
-            "reference_studies": list(self.studies),  # "studies" grows with query mapping
-            "likelihood": self.likelihood,
-        }
+        return Registry(
+            input_spec=self.spec,
+            batch_key=self.batch_key,
+            label_key=self.label_key,
+            studies=list(self.studies),
+            reference_studies=list(self.studies),  # studies grows with query mapping
+            likelihood=self.likelihood,
+        )
 
     def train_dataloader(self) -> DataLoader:
         rows = ViewRows(self.x, self.study_codes, self.counts, cells=self.train_index)

@@ -615,7 +615,8 @@ def _gene_table(n_genes: int, order: np.ndarray, taxa: _Taxonomy) -> pd.DataFram
     width = max(4, len(str(n_background)))
     names[names == ""] = [f"GENE{i:0{width}d}" for i in range(1, n_background + 1)]
     marker_of = np.array(marker_of + [""] * n_background, dtype=object)[order]
-    return pd.DataFrame({"marker_of": marker_of.astype(str)}, index=pd.Index(names.astype(str)))
+    marker_of = pd.Categorical(marker_of.astype(str))  # stored as written: no conversion on write
+    return pd.DataFrame({"marker_of": marker_of}, index=pd.Index(names.astype(str)))
 
 
 def _cell_table(

@@ -16,6 +16,7 @@ import pandas as pd
 import scanpy as sc
 from matplotlib.lines import Line2D
 
+from scproto.metacells import most_similar_cells
 from scproto.run.directory import atomic_path
 
 DPI = 150
@@ -82,7 +83,12 @@ def place_prototypes(
     with the cells pulls them into clumps of their own at the clusters' edges, and the mean
     position of several similar cells can fall between two islands.
     """
-    return cell_xy[np.argmax(prototypes @ cells_unit.T, axis=1)]
+    if len(cells_unit) == 1:
+        return np.repeat(cell_xy, len(prototypes), axis=0)
+    # the most similar of each prototype's two most similar cells, in blocks of prototypes
+    pairs = most_similar_cells(prototypes, cells_unit, 2)
+    similarity = np.einsum("kd,kjd->kj", prototypes, cells_unit[pairs])
+    return cell_xy[pairs[np.arange(len(pairs)), similarity.argmax(axis=1)]]
 
 
 def _categorical_panel(ax, xy, values: pd.Series, title: str, colours: dict[str, str]) -> None:

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import read_elem
 
 from scproto.data.preprocess import PCA_MAX_CELLS, randomized_pca
 from scproto.errors import ScProtoInputError
@@ -72,22 +74,25 @@ def read_run(
             raise ScProtoInputError(
                 f"{run_dir} holds no {name}: is it the directory of a finished run?"
             )
-    embedding = ad.read_h5ad(run_dir / "embedding.h5ad")
-    if embedding.n_obs != expression.shape[0]:
+    # obs, the latent and the run's notes only: X (the model input) is given
+    with h5py.File(run_dir / "embedding.h5ad", "r") as file:
+        obs = read_elem(file["obs"])
+        latent = read_elem(file["obsm"]["X_scproto"])
+        info = read_elem(file["uns"]["scproto"])
+    if len(obs) != expression.shape[0]:
         raise ScProtoInputError(
-            f"{run_dir / 'embedding.h5ad'} has {embedding.n_obs} cells but the data has "
+            f"{run_dir / 'embedding.h5ad'} has {len(obs)} cells but the data has "
             f"{expression.shape[0]}: the run was made from other data."
         )
-    info = embedding.uns["scproto"]
     metacells = ad.read_h5ad(run_dir / "metacells.h5ad")
     history = pd.read_csv(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else None
     return EvaluationInputs(
-        obs=embedding.obs,
+        obs=obs,
         batch_key=info["batch_key"],
         label_key=info["label_key"] or None,
         expression=expression,
         genes=list(metacells.var_names),
-        latent=embedding.obsm["X_scproto"],
+        latent=latent,
         pca=baseline_pca(expression, n_pcs, seed),
         prototypes=np.load(run_dir / "prototypes.npy"),
         metacells=metacells,

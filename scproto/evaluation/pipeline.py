@@ -3,6 +3,7 @@ metrics.json, report.md, coverage.csv, scib.csv and figures/ into the output dir
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from scproto.evaluation.markers import MarkerTask, marker_task_scores
 from scproto.evaluation.report import write_report
 from scproto.evaluation.scgraph import configured_reference, scgraph_scores
 from scproto.evaluation.scib import scib_scores, skip_reason, use_jax_platform
+from scproto.outputs import prototype_index
 from scproto.run.directory import atomic_path
 from scproto.timing import timed
 
@@ -101,7 +103,8 @@ class Evaluation:
             batches,
             inputs.labels,
             inputs.pca,
-            progress_bar=self.cfg.progress_bar,
+            # scib-metrics nests two bars: readable on a terminal, escape codes in a log
+            progress_bar=self.cfg.progress_bar and sys.stderr.isatty(),
         )
         self.tables["scib"] = table
         self.record_rows(table, "scib")
@@ -130,7 +133,7 @@ class Evaluation:
         summary, per_type = prototype_coverage(
             inputs.metacells.obs,
             inputs.labels[inputs.is_reference],
-            inputs.obs["prototype"].to_numpy()[inputs.is_reference],
+            prototype_index(inputs.obs["prototype"])[inputs.is_reference],
             n_studies=studies.nunique(),
             min_cells=self.cfg.coverage.min_cells,
         )
@@ -151,7 +154,7 @@ class Evaluation:
                 continue
             expression = _gene_frame(inputs, task.genes)
             metacells = inputs.metacells[:, list(task.genes)].to_df()
-            prototype = inputs.obs["prototype"].to_numpy()
+            prototype = prototype_index(inputs.obs["prototype"])
             result = marker_task_scores(
                 task,
                 expression=expression,

@@ -85,7 +85,11 @@ def write_report(evaluation: "Evaluation", path: Path, *, title: str, n_all: int
     lines += ["## Prototypes", ""]
     if "coverage/types" in metrics:
         covered = tables["coverage"]
-        missing = covered.index[covered["prototypes"] == 0].tolist()
+        # owning a prototype means owning one some cell is nearest to
+        missing = covered.index[covered["non_empty_prototypes"] == 0].tolist()
+        only_empty = covered.index[
+            (covered["non_empty_prototypes"] == 0) & (covered["prototypes"] > 0)
+        ].tolist()
         lines.append(
             f"{metrics['coverage/prototypes_non_empty']:.0f} prototypes are the nearest of "
             f"some reference cell, {metrics['coverage/prototypes_empty']:.0f} of none. "
@@ -94,9 +98,10 @@ def write_report(evaluation: "Evaluation", path: Path, *, title: str, n_all: int
             f"{_number(metrics['coverage/purity_mean'])}, study mixing "
             f"{_number(metrics['coverage/study_mixing_mean'])} (0: one study, 1: even). "
             + (
-                f"Cell types without a prototype: {', '.join(missing)}."
+                f"Cell types without a non-empty prototype: {', '.join(missing)}"
+                + (f" ({', '.join(only_empty)}: only empty ones)." if only_empty else ".")
                 if missing
-                else "Every cell type with ≥ 10 cells is the label of a prototype."
+                else "Every cell type with ≥ 10 cells is the label of a non-empty prototype."
             )
         )
         lines += [

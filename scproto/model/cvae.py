@@ -123,8 +123,11 @@ class ConditionalVAE(nn.Module):
         study: torch.Tensor,
         outputs: dict[str, torch.Tensor],
         counts: torch.Tensor | None = None,
+        kl_weight: float = 1.0,
     ) -> dict[str, torch.Tensor]:
-        """Reconstruction (summed over genes) and KL, each averaged over the decoded rows."""
+        """L_cvae = recon + kl_weight · KL ("cvae"), with its reconstruction (summed over
+        genes) and KL terms, each averaged over the decoded rows: the one definition that
+        training and query surgery share."""
         n = outputs["decoded"].shape[0]
         x, study = x[:n], study[:n]
         counts = None if counts is None else counts[:n]
@@ -135,5 +138,5 @@ class ConditionalVAE(nn.Module):
             theta = self.log_theta[study].exp()
             nll = negative_binomial_nll(counts, outputs["decoded"] * library, theta)
             reconstruction = nll.mean()
-        kl = kl_divergence(outputs["mu"][:n], outputs["logvar"][:n])
-        return {"recon": reconstruction, "kl": kl.mean()}
+        kl = kl_divergence(outputs["mu"][:n], outputs["logvar"][:n]).mean()
+        return {"recon": reconstruction, "kl": kl, "cvae": reconstruction + kl_weight * kl}

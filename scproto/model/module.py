@@ -15,6 +15,7 @@ from scproto.model.distributed import gather_labels, gather_scores, world_size
 from scproto.model.losses import batch_swav_losses
 from scproto.model.optim import build_optimizer, warmup_cosine
 from scproto.model.prototypes import kmeans_prototypes, reseed_unused
+from scproto.registry import Registry
 
 ANCHOR_ROWS_PER_PROTOTYPE = 256  # anchors kept per epoch for k-means and re-seeding
 
@@ -60,7 +61,7 @@ class ScProtoModule(pl.LightningModule):
         cvae_warmup_epochs: int = 0,
         reseed_prototypes: bool = False,
         optimizer: dict[str, Any] | None = None,
-        registry: dict[str, Any] | None = None,
+        registry: "Registry | dict[str, Any] | None" = None,
     ) -> None:
         super().__init__()
         if group_by not in ("anchor", "majority"):
@@ -74,7 +75,8 @@ class ScProtoModule(pl.LightningModule):
                 f"prototype_init must be 'random' or 'kmeans', got {prototype_init!r}"
             )
         self.save_hyperparameters(ignore=["registry"])
-        self.registry = registry or {}
+        # what inference needs about the data (a Registry; a dict as stored)
+        self.registry = Registry.from_dict(registry) if isinstance(registry, dict) else registry
         self.cvae = ConditionalVAE(
             n_genes,
             n_studies,
@@ -138,9 +140,7 @@ class ScProtoModule(pl.LightningModule):
             sinkhorn_iters=hp.sinkhorn_iters,
             hard=hp.hard_assignment,
         )
-        cvae = self.cvae.loss(x, study, outputs, counts=batch.get("counts"))
-        terms["recon"], terms["kl"] = cvae["recon"], cvae["kl"]
-        terms["cvae"] = cvae["recon"] + hp.kl_weight * cvae["kl"]
+        terms |= self.cvae.loss(x, study, outputs, batch.get("counts"), kl_weight=hp.kl_weight)
         terms["loss"] = (
             terms["swav"] + hp.lambda_prop * terms["prop"] + hp.lambda_cvae * terms["cvae"]
         )
@@ -234,10 +234,11 @@ class ScProtoModule(pl.LightningModule):
         self.cvae.settle_study_embedding()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["scproto_registry"] = self.registry
+        checkpoint["scproto_registry"] = self.registry.to_dict() if self.registry else {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.registry = checkpoint.get("scproto_registry", {})
+        stored = checkpoint.get("scproto_registry")
+        self.registry = Registry.from_dict(stored) if stored else None
 
     def configure_optimizers(self):
         settings = dict(self.hparams.optimizer or {"name": "adam", "lr": 1e-3})

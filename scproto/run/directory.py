@@ -27,6 +27,10 @@ REPLACED = ".replaced"  # the old outputs, for the moment of the swap
 
 # The model outputs of `python train.py` (scproto.train.TRAIN_OUTPUTS adds evaluation's).
 MODEL_OUTPUTS = (CHECKPOINT, "embedding.h5ad", "prototypes.npy", "metacells.h5ad")
+# The generated input of a data.source=synthetic run, written before training: not an
+# output a new run is refused for (it is the same for the same settings, and a resumed
+# run or a second DDP rank finds it there).
+SYNTHETIC_DATA = "data.h5ad"
 # Files only a training run writes: a directory holding one is a training run's.
 TRAINING_MARKERS = (CHECKPOINT, "prototypes.npy", "metacells.h5ad")
 MAP_QUERY_OUTPUTS = ("embedding.h5ad", MAPPED_CHECKPOINT)

@@ -30,7 +30,7 @@ from scproto.metacells import decode_prototypes
 from scproto.model.module import ScProtoModule
 from scproto.query import expand_studies, train_new_rows
 from scproto.registry import Registry
-from scproto.run.checkpoint import load_checkpoint
+from scproto.run.checkpoint import load_checkpoint, stored_settings
 from scproto.run.directory import CHECKPOINT, atomic_path
 from scproto.run.hydra import compose_config
 from scproto.run.quiet import quiet_third_party
@@ -247,7 +247,7 @@ class ScProto:
                 f"{path} is a checkpoint but not an scProto model's (it has no registry)."
             )
         try:
-            module = ScProtoModule(**checkpoint["hyper_parameters"])
+            module = ScProtoModule(**stored_settings(checkpoint))
             module.load_state_dict(checkpoint["state_dict"])
         except (TypeError, RuntimeError, KeyError) as error:
             raise ScProtoInputError(

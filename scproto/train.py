@@ -99,9 +99,7 @@ def build_module(cfg: DictConfig, datamodule: ScProtoDataModule) -> ScProtoModul
         n_views=cfg.data.n_views,
         **OmegaConf.to_container(cfg.model, resolve=True),
         **OmegaConf.to_container(cfg.loss, resolve=True),
-        epsilon=cfg.sinkhorn.epsilon,
-        sinkhorn_iters=cfg.sinkhorn.n_iters,
-        hard_assignment=cfg.sinkhorn.hard,
+        **OmegaConf.to_container(cfg.sinkhorn, resolve=True),  # epsilon, n_iters, hard
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         registry=registry,
     )

@@ -116,3 +116,22 @@ def test_mapping_nothing_new_says_so(model, small_adata, tmp_path, caplog):
     with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="nothing to map"):
         map_file(cfg)
     assert "nothing was trained" in caplog.text and "mapped []" not in caplog.text
+
+
+def test_a_checkpoint_of_version_0_1_loads(model, small_adata, tmp_path):
+    """0.1 stored the Sinkhorn settings as sinkhorn_iters / hard_assignment."""
+    import torch
+
+    path = model.save(tmp_path / "new.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    settings = checkpoint["hyper_parameters"]
+    settings["sinkhorn_iters"], settings["hard_assignment"] = (
+        settings.pop("n_iters"),
+        settings.pop("hard"),
+    )
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = ScProto.load(tmp_path / "old.ckpt")
+    assert old.module.hparams.n_iters == model.module.hparams.n_iters
+    np.testing.assert_array_equal(
+        old.get_latent_representation(small_adata), model.get_latent_representation(small_adata)
+    )

@@ -28,9 +28,9 @@ def cross_view_prediction(
     return -((cross.sum(dim=1) - own) / (n_views - 1)).mean()
 
 
-def swav_codes(scores: torch.Tensor, *, epsilon: float, sinkhorn_iters: int, hard: bool):
+def swav_codes(scores: torch.Tensor, *, epsilon: float, n_iters: int, hard: bool):
     """The Sinkhorn codes (hard by default) of one group's rows: the swapped targets."""
-    q = sinkhorn(scores, epsilon, sinkhorn_iters)
+    q = sinkhorn(scores, epsilon, n_iters)
     return hard_assignments(q) if hard else q
 
 
@@ -39,7 +39,7 @@ def swapped_prediction_loss(
     *,
     temperature: float = 0.05,
     epsilon: float = 0.02,
-    sinkhorn_iters: int = 3,
+    n_iters: int = 3,
     hard: bool = True,
     assignment_views: Sequence[int] = (0, 1),
 ) -> torch.Tensor:
@@ -50,7 +50,7 @@ def swapped_prediction_loss(
     log_p = F.log_softmax(scores / temperature, dim=-1)
     codes = torch.stack(
         [
-            swav_codes(scores[a], epsilon=epsilon, sinkhorn_iters=sinkhorn_iters, hard=hard)
+            swav_codes(scores[a], epsilon=epsilon, n_iters=n_iters, hard=hard)
             for a in assignment_views
         ]
     )
@@ -122,7 +122,7 @@ def batch_swav_losses(
     min_group_size: int = 16,
     temperature: float = 0.05,
     epsilon: float = 0.02,
-    sinkhorn_iters: int = 3,
+    n_iters: int = 3,
     hard: bool = True,
     assignment_views: Sequence[int] = (0, 1),
 ) -> dict[str, torch.Tensor]:
@@ -140,9 +140,7 @@ def batch_swav_losses(
     with torch.no_grad():
         for m in members:
             for i, a in enumerate(assignment_views):
-                q = swav_codes(
-                    scores[a, m], epsilon=epsilon, sinkhorn_iters=sinkhorn_iters, hard=hard
-                )
+                q = swav_codes(scores[a, m], epsilon=epsilon, n_iters=n_iters, hard=hard)
                 codes[i, m] = q / (m.numel() * len(members))
     swav = cross_view_prediction(log_p, codes, assignment_views)
     gaps = coverage_gaps(scores)

@@ -54,8 +54,8 @@ class ScProtoModule(pl.LightningModule):
         group_by: str = "anchor",
         min_group_size: int = 16,
         epsilon: float = 0.02,
-        sinkhorn_iters: int = 3,
-        hard_assignment: bool = True,
+        n_iters: int = 3,  # sinkhorn.n_iters
+        hard: bool = True,  # sinkhorn.hard
         freeze_prototypes_iters: int = 0,
         prototype_init: str = "random",
         cvae_warmup_epochs: int = 0,
@@ -137,8 +137,8 @@ class ScProtoModule(pl.LightningModule):
             min_group_size=hp.min_group_size,
             temperature=hp.temperature,
             epsilon=hp.epsilon,
-            sinkhorn_iters=hp.sinkhorn_iters,
-            hard=hp.hard_assignment,
+            n_iters=hp.n_iters,
+            hard=hp.hard,
         )
         terms |= self.cvae.loss(x, study, outputs, batch.get("counts"), kl_weight=hp.kl_weight)
         terms["loss"] = (

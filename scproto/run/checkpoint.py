@@ -73,9 +73,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from error
 
 
+# Module settings renamed to their config names (sinkhorn.n_iters, sinkhorn.hard) in 0.2.
+RENAMED_SETTINGS = {"sinkhorn_iters": "n_iters", "hard_assignment": "hard"}
+
+
+def stored_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The module settings of a checkpoint, under this version's names."""
+    saved = dict(checkpoint.get("hyper_parameters") or {})
+    return {RENAMED_SETTINGS.get(k, k): v for k, v in saved.items()}
+
+
 def check_resumable(checkpoint: dict[str, Any], module: pl.LightningModule, path: Path) -> None:
     """The checkpoint was written by a run with this run's model and loss settings."""
-    saved = dict(checkpoint.get("hyper_parameters") or {})
+    saved = stored_settings(checkpoint)
     if "state_dict" not in checkpoint or "loops" not in checkpoint:
         raise ScProtoInputError(
             f"ckpt_path={path} holds a model but no training state (a mapped or re-saved model); "

@@ -45,12 +45,14 @@ class ConditionalVAE(nn.Module):
         n_genes: int,
         n_studies: int,
         *,
-        latent_dim: int = 8,
-        hidden_dim: int | None = None,
-        embedding_dim: int = 10,
-        dropout: float = 0.05,
-        likelihood: Likelihood = "mse",
+        latent_dim: int,
+        hidden_dim: int | None,
+        embedding_dim: int,
+        dropout: float,
+        likelihood: Likelihood,
     ) -> None:
+        """The settings come from the LightningModule (defaults: ``configs/model``);
+        ``hidden_dim`` None is ceil(√n_genes)."""
         super().__init__()
         if likelihood not in ("mse", "nb"):
             raise ScProtoInputError(f"model.likelihood must be 'mse' or 'nb', got {likelihood!r}")

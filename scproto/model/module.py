@@ -16,6 +16,9 @@ from scproto.model.losses import batch_swav_losses
 from scproto.model.optim import build_optimizer, warmup_cosine
 from scproto.model.prototypes import kmeans_prototypes, reseed_unused
 from scproto.registry import Registry
+from scproto.run.settings import group_defaults
+
+SETTING_GROUPS = ("model", "loss", "sinkhorn")  # the config groups whose keys are settings here
 
 ANCHOR_ROWS_PER_PROTOTYPE = 256  # anchors kept per epoch for k-means and re-seeding
 
@@ -39,53 +42,58 @@ class ScProtoModule(pl.LightningModule):
         n_genes: int,
         n_studies: int,
         *,
-        n_views: int = 8,
-        n_prototypes: int = 300,
-        latent_dim: int = 8,
-        hidden_dim: int | None = None,
-        embedding_dim: int = 10,
-        dropout: float = 0.05,
-        likelihood: str = "mse",
-        lambda_cvae: float = 0.01,
-        lambda_prop: float = 1.0,
-        kl_weight: float = 0.5,
-        cvae_views: int | None = None,
-        temperature: float = 0.05,
-        group_by: str = "anchor",
-        min_group_size: int = 16,
-        epsilon: float = 0.02,
-        n_iters: int = 3,  # sinkhorn.n_iters
-        hard: bool = True,  # sinkhorn.hard
-        freeze_prototypes_iters: int = 0,
-        prototype_init: str = "random",
-        cvae_warmup_epochs: int = 0,
-        reseed_prototypes: bool = False,
+        n_views: int | None = None,
         optimizer: dict[str, Any] | None = None,
         registry: "Registry | dict[str, Any] | None" = None,
+        **settings: Any,
     ) -> None:
+        """``settings``: the keys of the model, loss and sinkhorn config groups
+        (``n_prototypes``, ``lambda_prop``, ``epsilon``, ``n_iters``, …); any not given
+        takes its default from ``scproto/configs``, the one place defaults are written, as
+        do ``n_views`` (data) and ``optimizer``."""
         super().__init__()
-        if group_by not in ("anchor", "majority"):
-            raise ScProtoInputError(f"group_by must be 'anchor' or 'majority', got {group_by!r}")
+        defaults = {k: v for group in SETTING_GROUPS for k, v in group_defaults(group).items()}
+        unknown = sorted(set(settings) - set(defaults))
+        if unknown:
+            raise TypeError(
+                f"ScProtoModule got unknown settings {unknown}; known: {sorted(defaults)}"
+            )
+        settings = {**defaults, **settings}
+        n_views = n_views or group_defaults("data")["n_views"]
+        if settings["group_by"] not in ("anchor", "majority"):
+            raise ScProtoInputError(
+                f"group_by must be 'anchor' or 'majority', got {settings['group_by']!r}"
+            )
+        cvae_views = settings["cvae_views"]
         if cvae_views is not None and not 1 <= cvae_views <= n_views:
             raise ScProtoInputError(
                 f"cvae_views={cvae_views} must be between 1 and the {n_views} views, or null (all)"
             )
-        if prototype_init not in ("random", "kmeans"):
+        if settings["prototype_init"] not in ("random", "kmeans"):
             raise ScProtoInputError(
-                f"prototype_init must be 'random' or 'kmeans', got {prototype_init!r}"
+                f"prototype_init must be 'random' or 'kmeans', got {settings['prototype_init']!r}"
             )
-        self.save_hyperparameters(ignore=["registry"])
+        self.save_hyperparameters(
+            {
+                "n_genes": n_genes,
+                "n_studies": n_studies,
+                "n_views": n_views,
+                **settings,
+                "optimizer": dict(optimizer or group_defaults("optimizer")),
+            }
+        )
         # what inference needs about the data (a Registry; a dict as stored)
         self.registry = Registry.from_dict(registry) if isinstance(registry, dict) else registry
         self.cvae = ConditionalVAE(
             n_genes,
             n_studies,
-            latent_dim=latent_dim,
-            hidden_dim=hidden_dim,
-            embedding_dim=embedding_dim,
-            dropout=dropout,
-            likelihood=likelihood,
+            latent_dim=settings["latent_dim"],
+            hidden_dim=settings["hidden_dim"],
+            embedding_dim=settings["embedding_dim"],
+            dropout=settings["dropout"],
+            likelihood=settings["likelihood"],
         )
+        n_prototypes, latent_dim = settings["n_prototypes"], settings["latent_dim"]
         self.prototypes = nn.Parameter(F.normalize(torch.randn(n_prototypes, latent_dim), dim=1))
         # this epoch's anchors (μ, at most ANCHOR_ROWS_PER_PROTOTYPE · K rows) and how many
         # took each prototype as their nearest: for k-means and re-seeding at the epoch's end
@@ -241,7 +249,7 @@ class ScProtoModule(pl.LightningModule):
         self.registry = Registry.from_dict(stored) if stored else None
 
     def configure_optimizers(self):
-        settings = dict(self.hparams.optimizer or {"name": "adam", "lr": 1e-3})
+        settings = dict(self.hparams.optimizer)
         warmup_epochs = settings.pop("warmup_epochs", 0)
         final_lr_ratio = settings.pop("final_lr_ratio", 0.0)
         schedule = settings.pop("schedule", "warmup_cosine")

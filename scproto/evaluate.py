@@ -17,6 +17,7 @@ from scproto.data.io import without_empty_cells_and_genes
 from scproto.errors import ScProtoInputError
 from scproto.evaluation import evaluate, read_run, write_metrics
 from scproto.evaluation.pipeline import is_evaluation_key
+from scproto.run.directory import METRICS
 from scproto.run.hydra import exit_with_message
 from scproto.run.quiet import quiet_third_party
 from scproto.train import CONFIG_DIR, headline, load_data
@@ -54,7 +55,7 @@ def evaluate_run(
     inputs = read_run(
         run_dir, model.model_input(adata), n_pcs=eval_cfg.pca_components, seed=cfg.seed
     )
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS
     previous = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics = {k: v for k, v in previous.items() if not is_evaluation_key(k)}
     metrics |= evaluate(inputs, eval_cfg, run_dir, seed=cfg.seed, title=cfg.get("task_name", ""))

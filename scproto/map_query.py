@@ -13,6 +13,7 @@ from scproto.data.io import read_h5ad
 from scproto.errors import ScProtoInputError
 from scproto.outputs import embedding_anndata
 from scproto.run.directory import (
+    EMBEDDING,
     MAP_QUERY_OUTPUTS,
     MAPPED_CHECKPOINT,
     RunDirectory,
@@ -47,7 +48,7 @@ def map_file(cfg: DictConfig) -> Path:
     new_studies = sorted(set(studies) - known)
     embedding = embedding_anndata(mapped, adata.obs, split, latent, query_studies=new_studies, x=x)
     run_dir = directory.write_dir
-    with atomic_path(run_dir / "embedding.h5ad") as path:
+    with atomic_path(run_dir / EMBEDDING) as path:
         embedding.write_h5ad(path)
     mapped.save(run_dir / MAPPED_CHECKPOINT, overwrite=True)
     directory.commit()

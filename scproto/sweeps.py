@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 
 from scproto.evaluation import report
+from scproto.run.directory import METRICS
 
 DEFAULT_METRICS = (
     "scib/total",
@@ -53,7 +54,7 @@ def read_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
         overrides = yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []
         settings = dict(parse_override(o) for o in overrides if not o.startswith("hydra."))
         setting_names |= dict.fromkeys(settings)
-        metrics_file = job / "metrics.json"
+        metrics_file = job / METRICS
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         rows.append(
             {

@@ -12,9 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 import scproto
-from scproto.evaluation.inputs import HISTORY
-from scproto.evaluation.pipeline import RESULT_TABLES
-from scproto.run.directory import atomic_path
+from scproto.run.directory import FIGURES, HISTORY, RESULT_TABLES, atomic_path
 
 
 def log_config(trainer: pl.Trainer, cfg: DictConfig) -> None:
@@ -43,7 +41,7 @@ def log_results(trainer: pl.Trainer, metrics: dict[str, float], run_dir: Path) -
         path = run_dir / f"{name}.csv"
         if path.exists():
             media[f"eval/{name}"] = wandb.Table(dataframe=pd.read_csv(path))
-    for figure in sorted((run_dir / "figures").glob("*.png")):
+    for figure in sorted((run_dir / FIGURES).glob("*.png")):
         media[f"figures/{figure.stem}"] = wandb.Image(str(figure))
     for run in runs:
         run.summary.update(metrics)

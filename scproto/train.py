@@ -22,7 +22,6 @@ from scproto.data.io import read_h5ad
 from scproto.datasets.synthetic import make_synthetic
 from scproto.errors import ScProtoInputError
 from scproto.evaluation import evaluate, read_run, write_metrics
-from scproto.evaluation.pipeline import OUTPUT_FILES
 from scproto.metacells import metacells
 from scproto.model.module import ScProtoModule
 from scproto.outputs import embedding_anndata
@@ -34,8 +33,12 @@ from scproto.run.checkpoint import (
 )
 from scproto.run.directory import (
     CHECKPOINT,
-    MODEL_OUTPUTS,
+    EMBEDDING,
+    METACELLS,
+    METRICS,
+    PROTOTYPES,
     SYNTHETIC_DATA,
+    TRAIN_OUTPUTS,
     RunDirectory,
     atomic_path,
 )
@@ -51,8 +54,6 @@ from scproto.tracking import (
 )
 
 log = logging.getLogger(__name__)
-
-TRAIN_OUTPUTS = (*MODEL_OUTPUTS, *OUTPUT_FILES, "figures")
 
 
 def load_data(data_cfg: DictConfig) -> ad.AnnData:
@@ -276,9 +277,9 @@ def fit_and_write(
     table = describe_prototypes(model, datamodule, latent, prototype, labels)
     model.registry.label_uncertainty_threshold = cfg.label_transfer.uncertainty_threshold
     model.save(run_dir / CHECKPOINT, overwrite=True)  # the model that wrote the outputs below
-    with atomic_path(run_dir / "metacells.h5ad") as path:
+    with atomic_path(run_dir / METACELLS) as path:
         table.write_h5ad(path)
-    with atomic_path(run_dir / "prototypes.npy") as path:
+    with atomic_path(run_dir / PROTOTYPES) as path:
         np.save(path, model.get_prototypes())
     split = np.where(datamodule.is_reference, "reference", "query")
     embedding = embedding_anndata(
@@ -289,7 +290,7 @@ def fit_and_write(
         query_studies=datamodule.query_studies,
         x=datamodule.x,
     )
-    with atomic_path(run_dir / "embedding.h5ad") as path:
+    with atomic_path(run_dir / EMBEDDING) as path:
         embedding.write_h5ad(path)
     summary = summarize_metacells(table, labels)
     log.info("metacells: %s", ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in summary.items()))
@@ -302,7 +303,7 @@ def fit_and_write(
         inputs = read_run(run_dir, datamodule.x, n_pcs=cfg.eval.pca_components, seed=cfg.seed)
         metrics |= evaluate(inputs, cfg.eval, run_dir, seed=cfg.seed, title=cfg.task_name)
         log.info("evaluation: %s", headline(metrics))
-    write_metrics(metrics, run_dir / "metrics.json")
+    write_metrics(metrics, run_dir / METRICS)
     log_results(trainer, metrics, run_dir)
     return metrics, {
         "model": model,

@@ -14,10 +14,9 @@ from anndata.io import read_elem
 
 from scproto.data.preprocess import PCA_MAX_CELLS, randomized_pca
 from scproto.errors import ScProtoInputError
+from scproto.run.directory import EMBEDDING, HISTORY, METACELLS, PROTOTYPES
 
 log = logging.getLogger(__name__)
-
-HISTORY = "csv/metrics.csv"  # the CSV logger's file in a run directory
 
 
 @dataclass
@@ -69,13 +68,13 @@ def read_run(
 ) -> EvaluationInputs:
     """The evaluation inputs of a finished run, given the model input of its cells."""
     run_dir = Path(run_dir)
-    for name in ("embedding.h5ad", "prototypes.npy", "metacells.h5ad"):
+    for name in (EMBEDDING, PROTOTYPES, METACELLS):
         if not (run_dir / name).is_file():
             raise ScProtoInputError(
                 f"{run_dir} holds no {name}: is it the directory of a finished run?"
             )
     # obs, the latent and the run's notes only: X (the model input) is given
-    with h5py.File(run_dir / "embedding.h5ad", "r") as file:
+    with h5py.File(run_dir / EMBEDDING, "r") as file:
         obs = read_elem(file["obs"])
         latent = read_elem(file["obsm"]["X_scproto"])
         info = read_elem(file["uns"]["scproto"])
@@ -84,7 +83,7 @@ def read_run(
             f"{run_dir / 'embedding.h5ad'} has {len(obs)} cells but the data has "
             f"{expression.shape[0]}: the run was made from other data."
         )
-    metacells = ad.read_h5ad(run_dir / "metacells.h5ad")
+    metacells = ad.read_h5ad(run_dir / METACELLS)
     history = pd.read_csv(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else None
     return EvaluationInputs(
         obs=obs,
@@ -94,7 +93,7 @@ def read_run(
         genes=list(metacells.var_names),
         latent=latent,
         pca=baseline_pca(expression, n_pcs, seed),
-        prototypes=np.load(run_dir / "prototypes.npy"),
+        prototypes=np.load(run_dir / PROTOTYPES),
         metacells=metacells,
         history=history,
     )

@@ -21,15 +21,20 @@ from scproto.evaluation.report import write_report
 from scproto.evaluation.scgraph import configured_reference, scgraph_scores
 from scproto.evaluation.scib import scib_scores, skip_reason, use_jax_platform
 from scproto.outputs import prototype_index
-from scproto.run.directory import atomic_path
+from scproto.run.directory import (
+    EVALUATION_OUTPUTS,
+    FIGURES,
+    REPORT,
+    RESULT_TABLES,
+    atomic_path,
+)
 from scproto.timing import timed
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = {"scproto": "scProto (μ)", "pca": "PCA"}
 # The tables evaluate() writes as <name>.csv, and everything it writes besides figures/.
-RESULT_TABLES = ("scib", "scgraph", "coverage", "markers")
-OUTPUT_FILES = ("metrics.json", "report.md", *(f"{name}.csv" for name in RESULT_TABLES))
+OUTPUT_FILES = EVALUATION_OUTPUTS
 # Key namespaces evaluate() owns; re-evaluating a run replaces exactly these.
 NAMESPACES = (
     "scib/",
@@ -53,7 +58,7 @@ class Evaluation:
     def __init__(self, inputs: EvaluationInputs, cfg: DictConfig, out_dir: Path, seed: int):
         self.inputs, self.cfg, self.seed = inputs, cfg, seed
         self.out_dir = Path(out_dir)
-        self.figure_dir = self.out_dir / "figures"
+        self.figure_dir = self.out_dir / FIGURES
         self.metrics: dict[str, Any] = {}
         self.tables: dict[str, pd.DataFrame] = {}
         self.figures: dict[str, str] = {}  # caption → path relative to out_dir
@@ -293,7 +298,7 @@ def evaluate(
     for name, seconds in evaluation.timings.items():
         evaluation.metrics[f"time/eval_{name}_s"] = seconds
     evaluation.metrics["time/eval_s"] = time.perf_counter() - start
-    write_report(evaluation, out_dir / "report.md", title=title, n_all=n_all)
+    write_report(evaluation, out_dir / REPORT, title=title, n_all=n_all)
     for name in RESULT_TABLES:
         if name in evaluation.tables:
             with atomic_path(out_dir / f"{name}.csv") as path:

@@ -20,20 +20,32 @@ from pathlib import Path
 
 from scproto.errors import ScProtoInputError
 
+# Every file name of a run directory: the entry points, the evaluation and the trackers
+# read them from here.
 CHECKPOINT = "checkpoints/last.ckpt"
 MAPPED_CHECKPOINT = "checkpoints/mapped.ckpt"
+EMBEDDING = "embedding.h5ad"
+METACELLS = "metacells.h5ad"
+PROTOTYPES = "prototypes.npy"
+METRICS = "metrics.json"
+REPORT = "report.md"
+FIGURES = "figures"
+HISTORY = "csv/metrics.csv"  # the CSV logger's per-step losses
+RESULT_TABLES = ("scib", "scgraph", "coverage", "markers")  # <name>.csv of the evaluation
 STAGING = ".overwrite"  # where an overwriting run writes until it has finished
 REPLACED = ".replaced"  # the old outputs, for the moment of the swap
 
-# The model outputs of `python train.py` (scproto.train.TRAIN_OUTPUTS adds evaluation's).
-MODEL_OUTPUTS = (CHECKPOINT, "embedding.h5ad", "prototypes.npy", "metacells.h5ad")
+# The model outputs of `python train.py`, and the evaluation's.
+MODEL_OUTPUTS = (CHECKPOINT, EMBEDDING, PROTOTYPES, METACELLS)
+EVALUATION_OUTPUTS = (METRICS, REPORT, *(f"{name}.csv" for name in RESULT_TABLES))
+TRAIN_OUTPUTS = (*MODEL_OUTPUTS, *EVALUATION_OUTPUTS, FIGURES)
 # The generated input of a data.source=synthetic run, written before training: not an
 # output a new run is refused for (it is the same for the same settings, and a resumed
 # run or a second DDP rank finds it there).
 SYNTHETIC_DATA = "data.h5ad"
 # Files only a training run writes: a directory holding one is a training run's.
-TRAINING_MARKERS = (CHECKPOINT, "prototypes.npy", "metacells.h5ad")
-MAP_QUERY_OUTPUTS = ("embedding.h5ad", MAPPED_CHECKPOINT)
+TRAINING_MARKERS = (CHECKPOINT, PROTOTYPES, METACELLS)
+MAP_QUERY_OUTPUTS = (EMBEDDING, MAPPED_CHECKPOINT)
 # What Hydra and the loggers write beside the outputs; replaced together with them.
 RECORDS = (".hydra", "train.log", "map_query.log", "csv", "wandb")
 

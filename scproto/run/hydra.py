@@ -38,7 +38,7 @@ class GuardRunDirectory(Callback):
             refuse_training_run(directory)
             outputs, resume = MAP_QUERY_OUTPUTS, None
         else:
-            from scproto.train import TRAIN_OUTPUTS  # the evaluation's files included
+            from scproto.run.directory import TRAIN_OUTPUTS
 
             outputs, resume = TRAIN_OUTPUTS, config.get("ckpt_path")
         run = RunDirectory.open(

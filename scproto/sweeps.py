@@ -7,9 +7,6 @@ each with `.hydra/overrides.yaml` (the settings of that job) and `metrics.json`.
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd

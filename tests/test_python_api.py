@@ -125,3 +125,23 @@ def test_the_default_data_is_public():
     assert adata.shape == (600, 400)
     assert list(adata.uns["query_studies"]) == ["study_3"]
     assert "counts" in adata.layers
+
+
+def test_importing_scproto_leaves_the_plotting_backend_alone():
+    """A notebook's inline plots must keep showing after model.train() imports the rest."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; import scproto.train, scproto.sweeps, scproto.benchmark.harness; "
+        "print(matplotlib.get_backend())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "MPLBACKEND": "svg"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip().endswith("svg")

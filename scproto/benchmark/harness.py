@@ -242,9 +242,6 @@ def summary_table(table: pd.DataFrame) -> str:
 
 
 def plot_table(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if "scib/total" not in table or "scgraph/corr_weighted" not in table:

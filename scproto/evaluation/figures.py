@@ -5,11 +5,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers
 import anndata as ad
 import faiss
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd

@@ -26,7 +26,8 @@ from scproto.data.preprocess import (
     source_matrix,
 )
 from scproto.errors import ScProtoInputError
-from scproto.metacells import decode_prototypes
+from scproto.metacells import decode_prototypes, prototype_names
+from scproto.model.module import SETTING_GROUPS as MODULE_SETTING_GROUPS
 from scproto.model.module import ScProtoModule
 from scproto.query import expand_studies, train_new_rows
 from scproto.registry import Registry
@@ -40,7 +41,7 @@ MODEL_FILE = "model.ckpt"  # what save() writes into a directory
 SETUP_KEY = "_scproto"  # adata.uns entry written by setup_anndata
 # Config groups whose settings are keywords of ScProto(adata, ...); data keys that
 # setup_anndata sets, or that only apply to a file, are not.
-SETTING_GROUPS = ("model", "loss", "sinkhorn", "data")
+SETTING_GROUPS = (*MODULE_SETTING_GROUPS, "data")
 NOT_KEYWORDS = {
     "source", "path", "synthetic", "backed",
     "batch_key", "label_key", "layer", "counts_layer",
@@ -92,7 +93,7 @@ class ScProto:
         return self.module is not None
 
     def _trained(self) -> None:
-        if self.module is None:
+        if not self.is_trained:
             raise ScProtoInputError("This model is not trained yet: call model.train() first.")
 
     def _data(self, adata: ad.AnnData | None) -> ad.AnnData:
@@ -221,11 +222,7 @@ class ScProto:
             trainer = run.build_trainer(cfg, directory)
             trainer.fit(module, datamodule=datamodule, weights_only=True)
         self._attach(module)
-        latent = self.latent_of(datamodule.x, self.study_codes(datamodule.adata))
-        prototype, _ = self.prototype_similarity(latent)
-        labels = run.reference_labels(datamodule)
-        self._metacells = run.describe_prototypes(self, datamodule, latent, prototype, labels)
-        self.registry.label_uncertainty_threshold = cfg.label_transfer.uncertainty_threshold
+        self._metacells = run.describe_prototypes(self, datamodule, cfg)[2]
         self.config = cfg
         return self
 
@@ -535,7 +532,7 @@ class ScProto:
         )
         result = ad.AnnData(
             X=expression.astype(np.float32),
-            obs=pd.DataFrame(index=[f"prototype_{k}" for k in range(n_prototypes)]),
+            obs=pd.DataFrame(index=prototype_names(n_prototypes)),
             var=pd.DataFrame(index=list(self.spec.genes)),
         )
         result.layers["normalized"] = normalised.astype(np.float32)

@@ -142,18 +142,23 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a * b).sum(1) / denominator
 
 
-def study_columns(studies: Sequence[str]) -> list[str]:
-    """``n_<study>`` column names that anndata writes: '/' (an HDF5 path separator)
-    becomes '_', and names that then collide get a numeric suffix."""
+def prototype_names(n_prototypes: int) -> list[str]:
+    """The names of prototypes in every output: metacells.h5ad's rows, obs['prototype']."""
+    return [f"prototype_{k}" for k in range(n_prototypes)]
+
+
+def study_columns(studies: Sequence[str], prefix: str = "n_") -> list[str]:
+    """``<prefix><study>`` names (obs columns, layers) that anndata writes: '/' (an HDF5
+    path separator) becomes '_', and names that then collide get a numeric suffix."""
     columns: list[str] = []
     for study in map(str, studies):
-        column = base = f"n_{study.replace('/', '_')}"
+        column = base = f"{prefix}{study.replace('/', '_')}"
         suffix = 1
         while column in columns:
             suffix += 1
             column = f"{base}_{suffix}"
         columns.append(column)
-    renamed = {s: c for s, c in zip(map(str, studies), columns, strict=True) if c != f"n_{s}"}
+    renamed = {s: c for s, c in zip(map(str, studies), columns, strict=True) if c != f"{prefix}{s}"}
     if renamed:
         log.warning("metacell columns of studies whose names anndata cannot store: %s", renamed)
     return columns
@@ -206,7 +211,7 @@ def metacells(
     )
     mean_x = np.asarray((members @ x).todense()) / np.maximum(size, 1)[:, None]
     normalised_sum, counts_sum = member_sums(members, x, library_sizes, library_size)
-    obs = pd.DataFrame(index=[f"prototype_{k}" for k in range(n_prototypes)])
+    obs = pd.DataFrame(index=prototype_names(n_prototypes))
     obs["n_cells"] = size
     obs["is_empty"] = size == 0
     obs["decoding_norm"] = scale
@@ -246,9 +251,9 @@ def metacells(
     if counts_sum is not None:
         result.layers["members_counts"] = counts_sum.astype(np.float32)
         result.layers["members_counts_mean"] = (counts_sum / denominator).astype(np.float32)
-    for index, name in enumerate(study_names):
+    for index, layer in enumerate(study_columns(study_names, prefix="normalized_")):
         per_study = decode_prototypes(module, scale, n_reference_studies, library_size, index)
-        result.layers[f"normalized_{str(name).replace('/', '_')}"] = per_study[1].astype(np.float32)
+        result.layers[layer] = per_study[1].astype(np.float32)
     result.obsm["prototype"] = prototypes
     result.uns["decoding"] = {
         "condition": "mean of the reference study embeddings",

@@ -10,6 +10,7 @@ import pandas as pd
 
 import scproto
 from scproto.api import ScProto
+from scproto.metacells import prototype_names
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,6 @@ def unique_obs_columns(obs: pd.DataFrame, written: dict[str, Any]) -> pd.DataFra
             obs[f"{name}_input"] = obs.pop(name)
         obs[name] = values
     return obs
-
-
-def prototype_names(n_prototypes: int) -> list[str]:
-    """The names of prototypes in every output: metacells.h5ad's rows, obs['prototype']."""
-    return [f"prototype_{k}" for k in range(n_prototypes)]
 
 
 def prototype_index(values) -> np.ndarray:

@@ -23,7 +23,7 @@ from scproto.datasets.synthetic import make_synthetic
 from scproto.errors import ScProtoInputError
 from scproto.evaluation import evaluate, read_run, write_metrics
 from scproto.metacells import metacells
-from scproto.model.module import ScProtoModule
+from scproto.model.module import SETTING_GROUPS, ScProtoModule
 from scproto.outputs import embedding_anndata
 from scproto.run.checkpoint import (
     EpochCheckpoint,
@@ -98,9 +98,11 @@ def build_module(cfg: DictConfig, datamodule: ScProtoDataModule) -> ScProtoModul
         n_genes=len(datamodule.spec.genes),
         n_studies=len(datamodule.studies),
         n_views=cfg.data.n_views,
-        **OmegaConf.to_container(cfg.model, resolve=True),
-        **OmegaConf.to_container(cfg.loss, resolve=True),
-        **OmegaConf.to_container(cfg.sinkhorn, resolve=True),  # epsilon, n_iters, hard
+        **{  # model, loss and sinkhorn: every setting under its config name
+            key: value
+            for group in SETTING_GROUPS
+            for key, value in OmegaConf.to_container(cfg[group], resolve=True).items()
+        },
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         registry=registry,
     )
@@ -122,13 +124,14 @@ def reference_labels(datamodule: ScProtoDataModule) -> np.ndarray | None:
 
 
 def describe_prototypes(
-    model: ScProto,
-    datamodule: ScProtoDataModule,
-    latent: np.ndarray,
-    prototype: np.ndarray,
-    labels: np.ndarray | None,
-) -> ad.AnnData:
-    """metacells.h5ad from the reference cells; stores what inference needs in the registry."""
+    model: ScProto, datamodule: ScProtoDataModule, cfg: DictConfig
+) -> tuple[np.ndarray, np.ndarray | None, ad.AnnData]:
+    """(every cell's μ, the reference labels, metacells.h5ad from the reference cells)
+    once training is done (train.py and ``ScProto.train``); stores what inference needs
+    in the registry."""
+    latent = model.latent_of(datamodule.x, model.study_codes(datamodule.adata))
+    prototype, _ = model.prototype_similarity(latent)
+    labels = reference_labels(datamodule)
     reference = datamodule.is_reference
     adata = datamodule.adata
     table = metacells(
@@ -154,7 +157,8 @@ def describe_prototypes(
         ]
         model.registry.prototype_label_confidence = table.obs["label_confidence"].tolist()
         model.registry.label_categories = list(table.obs["label"].cat.categories)
-    return table
+    model.registry.label_uncertainty_threshold = cfg.label_transfer.uncertainty_threshold
+    return latent, labels, table
 
 
 def summarize_metacells(table: ad.AnnData, labels: np.ndarray | None) -> dict[str, float]:
@@ -271,11 +275,7 @@ def fit_and_write(
             if model.mapping_losses
             else "-",
         )
-    latent = model.latent_of(datamodule.x, model.study_codes(datamodule.adata))
-    prototype, _ = model.prototype_similarity(latent)
-    labels = reference_labels(datamodule)
-    table = describe_prototypes(model, datamodule, latent, prototype, labels)
-    model.registry.label_uncertainty_threshold = cfg.label_transfer.uncertainty_threshold
+    latent, labels, table = describe_prototypes(model, datamodule, cfg)
     model.save(run_dir / CHECKPOINT, overwrite=True)  # the model that wrote the outputs below
     with atomic_path(run_dir / METACELLS) as path:
         table.write_h5ad(path)

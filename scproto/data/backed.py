@@ -47,13 +47,20 @@ def row_blocks(matrix, block_rows: int = BLOCK_ROWS) -> Iterator[tuple[int, sp.c
         yield start, as_csr32(matrix[start : start + block_rows])
 
 
+def rows_in_block(rows: np.ndarray, start: int, n_rows: int) -> np.ndarray:
+    """The sorted ``rows`` that fall in the block of ``n_rows`` from ``start``, as positions
+    inside it."""
+    first, stop = np.searchsorted(rows, [start, start + n_rows])
+    return rows[first:stop] - start
+
+
 def read_rows(matrix, rows: np.ndarray, block_rows: int = BLOCK_ROWS) -> sp.csr_matrix:
     """``matrix[rows]`` for sorted rows, read by contiguous blocks (anndata's fancy row
     indexing of a file reads row by row: 11 s for 200k of a million cells, 2 s this way)."""
     rows = np.asarray(rows)
     parts = []
     for start, block in row_blocks(matrix, block_rows):
-        inside = rows[(rows >= start) & (rows < start + block.shape[0])] - start
+        inside = rows_in_block(rows, start, block.shape[0])
         if inside.size:
             parts.append(block[inside])
     if not parts:
@@ -154,7 +161,7 @@ def streamed_input(
     index_dtype = np.int32 if bound < np.iinfo(np.int32).max else np.int64
     out = MappedCSR(directory, len(genes), index_dtype)
     for start, block in row_blocks(matrix):
-        inside = cells[(cells >= start) & (cells < start + block.shape[0])] - start
+        inside = rows_in_block(cells, start, block.shape[0])
         if inside.size < block.shape[0]:
             block = block[inside]
         prepared = log_normalized(block, is_counts=is_counts, target_sum=target_sum, inplace=True)

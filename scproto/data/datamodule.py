@@ -144,8 +144,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.seed = seed
         self._prepared = False
-        x_source = adata.X if self.source is None else self.source.X
-        if likelihood == "nb" and counts_layer is None and not looks_like_counts(x_source):
+        if likelihood == "nb" and counts_layer is None and not looks_like_counts(self._x):
             raise ScProtoInputError(
                 "The NB likelihood needs raw counts, but X holds non-integer values and "
                 "`data.counts_layer` is not set. Set it to the layer with counts, or use "
@@ -153,6 +152,11 @@ class ScProtoDataModule(pl.LightningDataModule):
             )
 
     # ------------------------------------------------------------------ preparation
+    @property
+    def _x(self):
+        """The expression matrix: X in memory, or the file's X (or layer) on disk."""
+        return self.adata.X if self.source is None else self.source.X
+
     @property
     def is_reference(self) -> np.ndarray:
         return ~self.adata.obs[self.batch_key].astype(str).isin(self.query_studies).to_numpy()
@@ -181,8 +185,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         if self._prepared:
             return
         adata, reference = self.adata, self.is_reference
-        x_source = adata.X if self.source is None else self.source.X
-        is_counts = bool(looks_like_counts(x_source))
+        is_counts = bool(looks_like_counts(self._x))
         largest = self.scan.largest if self.scan else float(matrix_values(adata.X).max(initial=0))
         if not is_counts and largest > 30:
             log.warning(
@@ -199,6 +202,7 @@ class ScProtoDataModule(pl.LightningDataModule):
                 else self.scan.row_sum[self.source_cells]
             )
         needs_counts = self.likelihood == "nb" or self.hvg_flavor == "seurat_v3"
+        has_counts = needs_counts and (self.counts_layer is not None or is_counts)
         hvg_rows = self._hvg_rows(reference)
         if self.source is None:
             raw_counts = self._raw_counts(is_counts) if needs_counts else None
@@ -215,7 +219,7 @@ class ScProtoDataModule(pl.LightningDataModule):
             hvg_data, hvg_counts = full, raw_counts
         else:
             with timed("read HVG cells", self.timings, log):
-                hvg_data, hvg_counts = self._read_source_rows(hvg_rows, is_counts, needs_counts)
+                hvg_data, hvg_counts = self._read_source_rows(hvg_rows, is_counts, has_counts)
             hvg_rows = None  # the rows read are those rows
         with timed("highly variable genes", self.timings, log):
             genes = highly_variable_genes(
@@ -227,7 +231,6 @@ class ScProtoDataModule(pl.LightningDataModule):
                 rows=hvg_rows,
             )
         del hvg_data, hvg_counts
-        has_counts = needs_counts and (self.counts_layer is not None or is_counts)
         self.spec = InputSpec(
             genes=tuple(genes),
             source=self.layer or "X",
@@ -274,7 +277,7 @@ class ScProtoDataModule(pl.LightningDataModule):
     def _source_counts(self):
         return self.source.layers[self.counts_layer] if self.counts_layer else self.source.X
 
-    def _read_source_rows(self, rows, is_counts: bool, needs_counts: bool):
+    def _read_source_rows(self, rows, is_counts: bool, read_counts: bool):
         """Log data and raw counts of ``rows`` (of self.adata) from the file, for HVGs;
         nothing is read when every gene is kept."""
         if self.n_top_genes >= self.adata.n_vars:
@@ -286,7 +289,7 @@ class ScProtoDataModule(pl.LightningDataModule):
             log_data, is_counts=is_counts, target_sum=self.target_sum, inplace=True
         )[:, columns]
         counts = None
-        if needs_counts and (self.counts_layer is not None or is_counts):
+        if read_counts:
             counts = backed.read_rows(self._source_counts(), source_rows)[:, columns]
         return log_data, counts
 

@@ -241,7 +241,9 @@ def _dropped(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> ad.AnnD
         stored_per_gene = index_counts(m.indices, m.shape[1])
         return not stored_per_gene[~genes].any() and not np.diff(m.indptr)[~cells].any()
 
-    if not all(holds_nothing_dropped(m) for m in [adata.X, *adata.layers.values()]):
+    # each matrix once: X may be one of the layers (a layer trained on, an uncopied counts layer)
+    distinct = {id(m): m for m in [adata.X, *adata.layers.values()]}
+    if not all(holds_nothing_dropped(m) for m in distinct.values()):
         return adata[cells, genes].copy()
     column = (np.cumsum(genes) - 1).astype(np.int32)
 
@@ -254,20 +256,14 @@ def _dropped(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> ad.AnnD
             (matrix.data, matrix.indices, indptr), shape=(int(cells.sum()), int(genes.sum()))
         )
 
-    dropped: dict[int, sp.csr_matrix] = {}
-
-    def drop_once(matrix: sp.csr_matrix) -> sp.csr_matrix:  # X may be one of the layers
-        if id(matrix) not in dropped:
-            dropped[id(matrix)] = drop(matrix)
-        return dropped[id(matrix)]
-
+    dropped = {key: drop(matrix) for key, matrix in distinct.items()}
     return ad.AnnData(
-        X=drop_once(adata.X),
+        X=dropped[id(adata.X)],
         obs=adata.obs[cells],
         var=adata.var[genes],
         uns=adata.uns,
         obsm={k: v[cells] for k, v in adata.obsm.items()},
-        layers={k: drop_once(v) for k, v in adata.layers.items()},
+        layers={k: dropped[id(v)] for k, v in adata.layers.items()},
     )
 
 

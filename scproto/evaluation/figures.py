@@ -81,12 +81,7 @@ def place_prototypes(
     with the cells pulls them into clumps of their own at the clusters' edges, and the mean
     position of several similar cells can fall between two islands.
     """
-    if len(cells_unit) == 1:
-        return np.repeat(cell_xy, len(prototypes), axis=0)
-    # the most similar of each prototype's two most similar cells, in blocks of prototypes
-    pairs = most_similar_cells(prototypes, cells_unit, 2)
-    similarity = np.einsum("kd,kjd->kj", prototypes, cells_unit[pairs])
-    return cell_xy[pairs[np.arange(len(pairs)), similarity.argmax(axis=1)]]
+    return cell_xy[most_similar_cells(prototypes, cells_unit, 1)[:, 0]]  # blocks of prototypes
 
 
 def _categorical_panel(ax, xy, values: pd.Series, title: str, colours: dict[str, str]) -> None:

@@ -22,7 +22,6 @@ from scproto.evaluation.scgraph import configured_reference, scgraph_scores
 from scproto.evaluation.scib import scib_scores, skip_reason, use_jax_platform
 from scproto.outputs import prototype_index
 from scproto.run.directory import (
-    EVALUATION_OUTPUTS,
     FIGURES,
     REPORT,
     RESULT_TABLES,
@@ -33,8 +32,6 @@ from scproto.timing import timed
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = {"scproto": "scProto (μ)", "pca": "PCA"}
-# The tables evaluate() writes as <name>.csv, and everything it writes besides figures/.
-OUTPUT_FILES = EVALUATION_OUTPUTS
 # Key namespaces evaluate() owns; re-evaluating a run replaces exactly these.
 NAMESPACES = (
     "scib/",

@@ -21,17 +21,21 @@ from scproto.model.optim import LARS
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped in the package
 
 
-@cache
 def group_defaults(group: str) -> dict:
     """The settings of ``group``'s default option in ``train.yaml`` (``data``: the keys of
     ``data/h5ad.yaml`` every data option shares): the one place defaults are written,
-    read by the LightningModule for every setting it is not given."""
+    read by the LightningModule for every setting it is not given. A fresh dict each call."""
+    return OmegaConf.to_container(_group_config(group))
+
+
+@cache
+def _group_config(group: str) -> DictConfig:
     if group == "data":
         option = "h5ad"
     else:
         defaults = OmegaConf.load(CONFIG_DIR / "train.yaml").defaults
         option = next(d[group] for d in defaults if isinstance(d, DictConfig) and group in d)
-    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
+    return OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
 
 
 # Settings with a fixed set of values.

@@ -85,9 +85,7 @@ def test_study_names_with_a_slash_become_safe_metacell_columns(
     metacells = ad.read_h5ad(tmp_path / "run" / "metacells.h5ad")
     assert {"n_lab_a", "n_lab_a_2", "n_study_2"} <= set(metacells.obs)
     # the per-study decoded profiles too: one layer each, none overwritten
-    assert {"normalized_lab_a", "normalized_lab_a_2", "normalized_study_2"} <= set(
-        metacells.layers
-    )
+    assert {"normalized_lab_a", "normalized_lab_a_2", "normalized_study_2"} <= set(metacells.layers)
     assert "cannot store" in caplog.text
 
 

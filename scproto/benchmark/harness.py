@@ -247,11 +247,14 @@ def plot_table(table: pd.DataFrame, path: Path) -> None:
     if "scib/total" not in table or "scgraph/corr_weighted" not in table:
         return
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for method, rows in table.groupby("method", sort=False):
+    colours = plt.get_cmap("tab20").colors  # ten colours repeat once a table has 11 rows
+    markers = "osD^v"
+    for i, (method, rows) in enumerate(table.groupby("method", sort=False)):
         x, y = rows["scib/total"], rows["scgraph/corr_weighted"]
         ax.errorbar(
             x.mean(), y.mean(), xerr=x.std() if len(x) > 1 else None,
-            yerr=y.std() if len(y) > 1 else None, fmt="o", capsize=3, label=method,
+            yerr=y.std() if len(y) > 1 else None, fmt=markers[i % len(markers)],
+            color=colours[i % len(colours)], capsize=3, label=method,
         )  # fmt: skip
     ax.set_xlabel("scIB total")
     ax.set_ylabel("scGraph Corr-Weighted")

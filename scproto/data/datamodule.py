@@ -65,6 +65,8 @@ class ScProtoDataModule(pl.LightningDataModule):
         hvg_max_cells: int | None = HVG_MAX_CELLS,
         target_sum: float = 1e4,
         n_pcs: int = 50,
+        geometry_pcs: int = 10,
+        geometry_smoothing: int = 0,
         n_neighbors: int = 50,
         pca_max_cells: int | None = PCA_MAX_CELLS,
         knn_index: str = "auto",
@@ -128,6 +130,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.n_top_genes, self.hvg_flavor, self.target_sum = n_top_genes, hvg_flavor, target_sum
         self.hvg_max_cells = hvg_max_cells
         self.n_pcs, self.n_neighbors = n_pcs, n_neighbors
+        self.geometry_pcs, self.geometry_smoothing = geometry_pcs, geometry_smoothing
         self.pca_max_cells = pca_max_cells
         self.knn_index = knn_index
         self.knn_approximate_above, self.knn_nprobe = knn_approximate_above, knn_nprobe
@@ -255,6 +258,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.study_codes = self.study_codes.to_numpy().astype(np.int64)
         self.train_index = np.flatnonzero(reference)
         self.neighbors, self.distances = self._neighbor_graph(self.x, self.train_index)
+        self.pca = self._study_pca()
         self._warn_small_study_groups()
         self._prepared = True
         log.info(
@@ -369,6 +373,35 @@ class ScProtoDataModule(pl.LightningDataModule):
         knn.save_cached(self.cache_dir, key, neighbors, distances, self.knn_recall)
         return neighbors, distances
 
+    def _study_pca(self) -> np.ndarray | None:
+        """Each training cell on its own study's top ``geometry_pcs`` components (float32,
+        one row per training cell), the geometry L_geometry keeps.
+
+        A study's own PCA has no study effect in it, and its leading components hold the
+        differences between cell types while the trailing ones are mostly sampling noise.
+        With ``geometry_smoothing`` = k, each cell is replaced by the mean of itself and its
+        k nearest cells of the study: the spread inside a population (noise) shrinks, the
+        distances between populations stay.
+        """
+        if not self.geometry_pcs:
+            return None
+        pca = np.zeros((len(self.train_index), self.geometry_pcs), dtype=np.float32)
+        codes = self.study_codes[self.train_index]
+        with timed(f"per-study PCA ({self.geometry_pcs} components)", self.timings, log):
+            for code in np.unique(codes):
+                cells = np.flatnonzero(codes == code)
+                coordinates = randomized_pca(
+                    self.x,
+                    self.geometry_pcs,
+                    seed=self.seed,
+                    rows=self.train_index[cells],
+                    max_fit_cells=self.pca_max_cells,
+                )
+                if self.geometry_smoothing and len(cells) > self.geometry_smoothing:
+                    coordinates = knn.neighbourhood_means(coordinates, self.geometry_smoothing)
+                pca[cells, : coordinates.shape[1]] = coordinates
+        return pca
+
     # ------------------------------------------------------------------ what the model needs
     @property
     def registry(self) -> Registry:
@@ -383,7 +416,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        rows = ViewRows(self.x, self.study_codes, self.counts, cells=self.train_index)
+        rows = ViewRows(self.x, self.study_codes, self.counts, cells=self.train_index, pca=self.pca)
         sampler = ViewBatchSampler(
             self.neighbors,
             batch_size=min(self.batch_size, len(self.train_index)),

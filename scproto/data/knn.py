@@ -195,3 +195,12 @@ def save_cached(
     with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as temporary:
         np.savez(temporary, neighbors=neighbors, distances=distances, recall=recall)
     Path(temporary.name).replace(cache_dir / f"knn-{key}.npz")
+
+
+def neighbourhood_means(coordinates: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Each row replaced by the mean of itself and its k nearest rows (exact search up to
+    200,000 rows, the ivf_flat index beyond: a few coordinates need no compression)."""
+    coordinates = np.ascontiguousarray(coordinates, dtype=np.float32)
+    kind = "exact" if len(coordinates) <= 200_000 else "ivf_flat"
+    neighbors, _, _ = knn_graph(coordinates, k, kind=kind, seed=seed)
+    return (coordinates + coordinates[neighbors].sum(axis=1)) / (k + 1)

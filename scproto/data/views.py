@@ -116,7 +116,8 @@ class ViewRows(Dataset):
     """Rows of the (sparse) training matrix, densified one minibatch at a time.
 
     Item i is row ``cells[i]`` of the matrices: the training cells are a view on the
-    full matrix, not a copy of it.
+    full matrix, not a copy of it. ``pca`` (optional) holds one row per training cell,
+    row i for item i.
     """
 
     def __init__(
@@ -125,8 +126,10 @@ class ViewRows(Dataset):
         study: np.ndarray,
         counts: sp.csr_matrix | None = None,
         cells: np.ndarray | None = None,
+        pca: np.ndarray | None = None,
     ):
         self.x = x
+        self.pca = None if pca is None else torch.as_tensor(pca, dtype=torch.float32)
         self.study = torch.as_tensor(study, dtype=torch.long)
         self.counts = counts
         self.cells = np.arange(x.shape[0]) if cells is None else np.asarray(cells)
@@ -138,13 +141,16 @@ class ViewRows(Dataset):
         return self.__getitems__(np.array([index]))
 
     def __getitems__(self, rows) -> dict[str, torch.Tensor]:
-        rows = self.cells[np.asarray(rows)]
+        items = np.asarray(rows)
+        rows = self.cells[items]
         batch = {
             "x": torch.from_numpy(dense_rows(self.x, rows)),
             "study": self.study[torch.from_numpy(rows)],
         }
         if self.counts is not None:
             batch["counts"] = torch.from_numpy(dense_rows(self.counts, rows))
+        if self.pca is not None:
+            batch["pca"] = self.pca[torch.from_numpy(items)]
         return batch
 
 

@@ -1,4 +1,5 @@
-"""The scProto LightningModule: L = L_batchSwAV + λ_prop · L_prop + λ_cvae · L_cvae."""
+"""The scProto LightningModule:
+L = L_batchSwAV + λ_prop · L_prop + λ_cvae · L_cvae + λ_geometry · L_geometry."""
 
 import math
 from functools import partial
@@ -12,7 +13,7 @@ from torch import nn
 from scproto.errors import ScProtoInputError
 from scproto.model.cvae import ConditionalVAE
 from scproto.model.distributed import gather_labels, gather_scores, world_size
-from scproto.model.losses import batch_swav_losses
+from scproto.model.losses import batch_swav_losses, geometry_loss
 from scproto.model.optim import build_optimizer, warmup_cosine
 from scproto.model.prototypes import kmeans_prototypes, reseed_unused
 from scproto.registry import Registry
@@ -149,8 +150,12 @@ class ScProtoModule(pl.LightningModule):
             hard=hp.hard,
         )
         terms |= self.cvae.loss(x, study, outputs, batch.get("counts"), kl_weight=hp.kl_weight)
+        terms["geometry"] = self._geometry(outputs["mu"][:n_anchors], study[:n_anchors], batch)
         terms["loss"] = (
-            terms["swav"] + hp.lambda_prop * terms["prop"] + hp.lambda_cvae * terms["cvae"]
+            terms["swav"]
+            + hp.lambda_prop * terms["prop"]
+            + hp.lambda_cvae * terms["cvae"]
+            + hp.lambda_geometry * terms["geometry"]
         )
         if self.in_cvae_warmup:
             terms["loss"] = hp.lambda_cvae * terms["cvae"]
@@ -158,6 +163,21 @@ class ScProtoModule(pl.LightningModule):
             self._record_anchors(outputs["mu"][: local_scores.shape[1]], local_scores[0])
         terms.update(self._assignment_diagnostics(scores[0]))
         return terms
+
+    def _geometry(
+        self, mu: torch.Tensor, study: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """L_geometry on this shard's anchors: their μ against their PCA coordinates."""
+        if self.hparams.lambda_geometry == 0:
+            return mu.new_zeros(())
+        if "pca" not in batch:
+            raise ScProtoInputError(
+                "loss.lambda_geometry > 0 needs the cells' PCA coordinates in each minibatch "
+                "(batch['pca'], which ScProtoDataModule provides when data.geometry_pcs > 0); "
+                "set data.geometry_pcs (10 by default) or loss.lambda_geometry=0 "
+                "to train without them."
+            )
+        return geometry_loss(mu, batch["pca"][: mu.shape[0]], study, self.hparams.min_group_size)
 
     def _collects_anchors(self) -> bool:
         hp = self.hparams
@@ -193,7 +213,7 @@ class ScProtoModule(pl.LightningModule):
         # Per-step values averaged over ranks (the CVAE terms differ between shards).
         log = partial(self.log, batch_size=batch["x"].shape[0], sync_dist=world_size() > 1)
         log("train/loss", terms["loss"], prog_bar=True)
-        for name in ("swav", "prop", "cvae", "recon", "kl"):
+        for name in ("swav", "prop", "cvae", "recon", "kl", "geometry"):
             log(f"train/loss_{name}", terms[name])
         log("train/swav_over_lnK", terms["swav"] / math.log(self.hparams.n_prototypes))
         for name in ("prototypes_in_use", "assignment_entropy", "n_groups"):

@@ -70,6 +70,7 @@ def test_on_disk_preparation_equals_the_in_memory_one(atlas_file, settings, monk
     if settings.get("likelihood") == "nb":
         assert (on_disk.counts != in_memory.counts).nnz == 0
     np.testing.assert_array_equal(on_disk.neighbors, in_memory.neighbors)
+    np.testing.assert_array_equal(on_disk.pca, in_memory.pca)
 
 
 def test_read_rows_equals_indexing_in_memory(small_adata, tmp_path):

@@ -96,3 +96,17 @@ def test_auto_is_exact_up_to_the_threshold_then_ivf_pq():
     assert knn.index_kind("ivf_flat", 10, 200_000) == "ivf_flat"
     with pytest.raises(knn.ScProtoInputError, match=r"data\.knn_index must be one of"):
         knn.index_kind("hnsw", 10, None)
+
+
+def test_neighbourhood_means_shrink_the_spread_within_clusters_and_keep_their_centres():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 1200)
+    centres = rng.normal(scale=10, size=(6, 5))
+    x = (centres[labels] + rng.normal(size=(1200, 5))).astype(np.float32)
+    smoothed = knn.neighbourhood_means(x, 10)
+    for group in range(6):
+        members = labels == group
+        np.testing.assert_allclose(smoothed[members].mean(0), x[members].mean(0), atol=0.1)
+        assert smoothed[members].std(0).mean() < 0.75 * x[members].std(0).mean()
+    # k = 0: every row is its own mean
+    np.testing.assert_allclose(knn.neighbourhood_means(x[:50], 0), x[:50])

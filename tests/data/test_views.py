@@ -100,6 +100,14 @@ def test_rows_of_a_subset_map_to_the_full_matrix_without_copying_it():
     assert batch["study"].tolist() == [2, 9]
 
 
+def test_pca_rows_follow_the_items_not_the_matrix_rows():
+    """The PCA coordinates have one row per training cell (item), not per matrix row."""
+    matrix = sp.random(10, 4, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    pca = np.arange(6, dtype=np.float32).reshape(3, 2)
+    rows = ViewRows(matrix, np.arange(10), cells=np.array([2, 5, 9]), pca=pca)
+    np.testing.assert_array_equal(rows.__getitems__(np.array([2, 0]))["pca"].numpy(), pca[[2, 0]])
+
+
 def test_ranks_split_each_global_minibatch_into_contiguous_shares():
     """Under DDP every rank draws the same global minibatch and keeps its share of anchors:
     the shares, side by side in rank order, are exactly the minibatch of one process."""

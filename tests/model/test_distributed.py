@@ -19,8 +19,15 @@ N_VIEWS, N_ANCHORS, N_GENES, N_STUDIES, WORLD = 4, 24, 30, 3, 2
 
 def make_module() -> ScProtoModule:
     torch.manual_seed(0)
+    # lambda_geometry=0: L_geometry is a mean over each shard's own anchors, like L_cvae
     module = ScProtoModule(
-        N_GENES, N_STUDIES, n_views=N_VIEWS, n_prototypes=10, hidden_dim=16, min_group_size=4
+        N_GENES,
+        N_STUDIES,
+        n_views=N_VIEWS,
+        n_prototypes=10,
+        hidden_dim=16,
+        min_group_size=4,
+        lambda_geometry=0.0,
     )
     return module.eval()  # z = μ: the reparameterisation noise would differ between shards
 

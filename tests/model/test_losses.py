@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from scproto.model import losses
 from scproto.model.losses import (
     batch_swav_losses,
     group_rows,
@@ -136,3 +137,56 @@ def test_batch_swav_gradient_is_that_of_the_per_group_losses(hard):
         grads.append(leaf.grad)
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0][:, 22:25].abs().sum() == 0  # dropped anchors get no gradient
+
+
+def test_pairwise_distances_match_torch_pdist_and_stay_finite_on_duplicates():
+    x = torch.randn(7, 3, dtype=torch.float64)
+    torch.testing.assert_close(losses.pairwise_distances(x), torch.pdist(x))
+    twins = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    losses.distance_correlation_loss(twins, torch.randn(3, 4)).backward()
+    assert torch.isfinite(twins.grad).all()
+
+
+def test_distance_correlation_is_zero_for_a_scaled_rotation_and_ignores_scale():
+    reference = torch.randn(40, 5, dtype=torch.float64)
+    rotation = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
+    same_geometry = 3.0 * reference @ rotation + 1.0
+    assert losses.distance_correlation_loss(same_geometry, reference) < 1e-12
+    latent = torch.randn(40, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        losses.distance_correlation_loss(latent, reference),
+        losses.distance_correlation_loss(10.0 * latent, 0.1 * reference),
+    )
+    assert 0.0 < losses.distance_correlation_loss(latent, reference) <= 2.0
+
+
+def test_distance_correlation_gradient_restores_the_reference_geometry():
+    torch.manual_seed(0)
+    reference = torch.randn(30, 4)
+    latent = torch.randn(30, 2, requires_grad=True)
+    optimiser = torch.optim.Adam([latent], lr=0.05)
+    start = float(losses.distance_correlation_loss(latent.detach(), reference))
+    for _ in range(200):
+        optimiser.zero_grad()
+        losses.distance_correlation_loss(latent, reference).backward()
+        optimiser.step()
+    assert float(losses.distance_correlation_loss(latent.detach(), reference)) < start / 3
+
+
+def test_geometry_loss_compares_cells_within_a_study_only():
+    """Two studies shifted far apart in the reference (a study effect) and overlapping in
+    μ (integrated): the loss does not see the shift, and is the mean of the per-study ones."""
+    torch.manual_seed(1)
+    a, b = torch.randn(20, 3), torch.randn(20, 3)
+    reference = torch.cat([a, b + 100.0])
+    studies = torch.tensor([0] * 20 + [1] * 20)
+    assert losses.geometry_loss(torch.cat([a, b]), reference, studies, min_group_size=16) < 1e-6
+    mu = torch.randn(40, 3)
+    per_study = [
+        losses.distance_correlation_loss(mu[s], reference[s]) for s in (studies == 0, studies == 1)
+    ]
+    torch.testing.assert_close(
+        losses.geometry_loss(mu, reference, studies, min_group_size=16), sum(per_study) / 2
+    )
+    # studies under min_group_size are left out; none left: zero
+    assert losses.geometry_loss(mu, reference, studies, min_group_size=21) == 0

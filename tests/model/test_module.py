@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from scproto.errors import ScProtoInputError
-from scproto.model.losses import propagation_loss, swapped_prediction_loss
+from scproto.model.losses import geometry_loss, propagation_loss, swapped_prediction_loss
 from scproto.model.module import ScProtoModule
 from scproto.model.optim import LARS, warmup_cosine
 
@@ -22,6 +23,7 @@ def make_batch(seed=0):
 def make_module(**kwargs):
     torch.manual_seed(0)
     settings = dict(n_views=N_VIEWS, n_prototypes=6, dropout=0.0, min_group_size=4, epsilon=0.05)
+    settings["lambda_geometry"] = 0.0  # the hand-made batches carry no PCA coordinates
     return ScProtoModule(N_GENES, 3, **{**settings, **kwargs}).eval()
 
 
@@ -49,6 +51,27 @@ def test_total_loss_combines_terms_with_their_weights():
         t = module.compute_losses(make_batch())
     torch.testing.assert_close(t["cvae"], t["recon"] + 0.5 * t["kl"])
     torch.testing.assert_close(t["loss"], t["swav"] + 3.0 * t["prop"] + 0.1 * t["cvae"])
+
+
+def test_geometry_term_compares_the_anchors_mu_with_their_pca_within_studies():
+    batch = make_batch()
+    batch["pca"] = torch.randn(N_VIEWS * N_ANCHORS, 5, generator=torch.Generator().manual_seed(3))
+    module = make_module(lambda_geometry=2.0)
+    t = module.compute_losses(batch)
+    mu = module.cvae.encode(batch["x"][:N_ANCHORS], batch["study"][:N_ANCHORS])[0]
+    expected = geometry_loss(mu, batch["pca"][:N_ANCHORS], batch["study"][:N_ANCHORS], 4)
+    torch.testing.assert_close(t["geometry"], expected)
+    torch.testing.assert_close(
+        t["loss"], t["swav"] + t["prop"] + 0.01 * t["cvae"] + 2.0 * t["geometry"]
+    )
+    t["geometry"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.cvae.parameters())
+    assert module.prototypes.grad is None  # the geometry is μ's, not the prototypes'
+
+
+def test_geometry_term_without_pca_coordinates_says_what_to_do():
+    with pytest.raises(ScProtoInputError, match="lambda_geometry=0"):
+        make_module(lambda_geometry=1.0).compute_losses(make_batch())
 
 
 @pytest.mark.parametrize("likelihood", ["mse", "nb"])
@@ -141,6 +164,26 @@ def test_scores_and_sinkhorn_stay_float32_under_mixed_precision():
     assert torch.isfinite(terms["loss"]) and torch.isfinite(terms["swav"])
     # the bfloat16 encoder moves μ a little; the scores themselves are not rounded to bf16
     assert (scores - reference).abs().max() < 0.05
+
+
+def test_geometry_coordinates_are_each_studys_own_pca(small_adata):
+    """One row per training cell; within a study, the distances of that study's own PCA
+    (a study effect added to one study alone leaves them unchanged)."""
+    from scipy.spatial.distance import pdist
+
+    from scproto.data.datamodule import ScProtoDataModule
+    from scproto.data.preprocess import randomized_pca
+
+    datamodule = ScProtoDataModule(
+        small_adata, batch_key="study", n_top_genes=50, geometry_pcs=4, n_neighbors=10
+    )
+    datamodule.setup()
+    assert datamodule.pca.shape == (len(datamodule.train_index), 4)
+    codes = datamodule.study_codes[datamodule.train_index]
+    cells = np.flatnonzero(codes == 1)
+    own = randomized_pca(datamodule.x, 4, seed=datamodule.seed, rows=datamodule.train_index[cells])
+    np.testing.assert_allclose(pdist(datamodule.pca[cells]), pdist(own), rtol=1e-4, atol=1e-4)
+    assert ScProtoDataModule(small_adata, batch_key="study", geometry_pcs=0).geometry_pcs == 0
 
 
 def test_max_steps_without_max_epochs_trains(small_adata):

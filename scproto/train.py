@@ -81,6 +81,8 @@ def build_datamodule(cfg: DictConfig, adata: ad.AnnData, inplace: bool = True) -
         data.pop(key, None)
     if data["query_studies"] is None:  # the synthetic generator marks its own query studies
         data["query_studies"] = list(adata.uns.get("query_studies", []))
+    if cfg.loss.lambda_geometry == 0:  # no L_geometry (loss=paper): no per-study PCA to make
+        data["geometry_pcs"] = 0
     return ScProtoDataModule(
         adata,
         likelihood=cfg.model.likelihood,

@@ -227,3 +227,13 @@ def test_ddp_on_two_cpu_processes_trains_and_rank_zero_writes_once(tmp_path):
     assert "training took" in (run / "train.log").read_text()
     assert "training took" not in (run / "train_ddp_process_1.log").read_text()  # rank 1: fit only
     assert ScProto.load(run / "checkpoints/last.ckpt").get_prototypes().shape == (20, 8)
+
+
+def test_the_paper_loss_makes_no_per_study_pca(make_config, small_adata):
+    """loss=paper has no L_geometry, so preparing its data skips the per-study PCA."""
+    from scproto.train import build_datamodule
+
+    settings = ("data=h5ad", "data.batch_key=study", "data.n_top_genes=50")
+    paper = build_datamodule(make_config("loss=paper", *settings), small_adata, inplace=False)
+    default = build_datamodule(make_config(*settings), small_adata, inplace=False)
+    assert paper.geometry_pcs == 0 and default.geometry_pcs == 10

@@ -398,7 +398,11 @@ class ScProtoDataModule(pl.LightningDataModule):
                     max_fit_cells=self.pca_max_cells,
                 )
                 if self.geometry_smoothing and len(cells) > self.geometry_smoothing:
-                    coordinates = knn.neighbourhood_means(coordinates, self.geometry_smoothing)
+                    coordinates = knn.neighbourhood_means(
+                        coordinates,
+                        self.geometry_smoothing,
+                        approximate_above=self.knn_approximate_above,
+                    )
                 pca[cells, : coordinates.shape[1]] = coordinates
         return pca
 

@@ -197,10 +197,14 @@ def save_cached(
     Path(temporary.name).replace(cache_dir / f"knn-{key}.npz")
 
 
-def neighbourhood_means(coordinates: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+def neighbourhood_means(
+    coordinates: np.ndarray, k: int, seed: int = 0, approximate_above: int | None = 200_000
+) -> np.ndarray:
     """Each row replaced by the mean of itself and its k nearest rows (exact search up to
-    200,000 rows, the ivf_flat index beyond: a few coordinates need no compression)."""
+    ``approximate_above`` rows, as for the training graph; the ivf_flat index beyond, since
+    a few coordinates need no compression)."""
     coordinates = np.ascontiguousarray(coordinates, dtype=np.float32)
-    kind = "exact" if len(coordinates) <= 200_000 else "ivf_flat"
+    exact = index_kind("auto", len(coordinates), approximate_above) == "exact"
+    kind = "exact" if exact else "ivf_flat"
     neighbors, _, _ = knn_graph(coordinates, k, kind=kind, seed=seed)
     return (coordinates + coordinates[neighbors].sum(axis=1)) / (k + 1)

@@ -237,3 +237,16 @@ def test_the_paper_loss_makes_no_per_study_pca(make_config, small_adata):
     paper = build_datamodule(make_config("loss=paper", *settings), small_adata, inplace=False)
     default = build_datamodule(make_config(*settings), small_adata, inplace=False)
     assert paper.geometry_pcs == 0 and default.geometry_pcs == 10
+
+
+def test_the_paper_setting_is_one_override_away():
+    """The defaults depart from the paper in two places (L_geometry, 15 neighbours);
+    experiment=immune_scib restores both, as composed for `python train.py` (no test
+    shrinking, which would set the neighbours itself)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        default = compose(config_name="train")
+        paper = compose(config_name="train", overrides=["experiment=immune_scib"])
+    assert (default.data.n_neighbors, default.loss.lambda_geometry) == (15, 5.0)
+    assert (paper.data.n_neighbors, paper.loss.lambda_geometry) == (50, 0.0)

@@ -67,7 +67,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         n_pcs: int = 50,
         geometry_pcs: int = 10,
         geometry_smoothing: int = 0,
-        n_neighbors: int = 50,
+        n_neighbors: int = 15,
         pca_max_cells: int | None = PCA_MAX_CELLS,
         knn_index: str = "auto",
         knn_approximate_above: int | None = 200_000,

@@ -401,6 +401,7 @@ class ScProtoDataModule(pl.LightningDataModule):
                     coordinates = knn.neighbourhood_means(
                         coordinates,
                         self.geometry_smoothing,
+                        seed=self.seed,
                         approximate_above=self.knn_approximate_above,
                     )
                 pca[cells, : coordinates.shape[1]] = coordinates

@@ -99,6 +99,7 @@ RANGES = {
     "data.target_sum": POSITIVE,
     "data.n_pcs": count(1),
     "data.geometry_pcs": count(0),
+    "data.geometry_smoothing": count(0),
     "data.n_neighbors": count(1),
     "data.knn_approximate_above": count(1, optional=True),
     "data.pca_max_cells": count(2, optional=True),

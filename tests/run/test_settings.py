@@ -19,6 +19,7 @@ from scproto.run.settings import Bound, validate_config
         ("trainer.max_epochs=0", "`trainer.max_epochs=0`"),
         ("model.dropout=1", "`model.dropout=1`"),
         ("query.epochs=-1", "`query.epochs=-1`"),
+        ("data.geometry_smoothing=-1", "`data.geometry_smoothing=-1`"),
         ("data.batch_size=0", "`data.batch_size=0`"),
         ("label_transfer.uncertainty_threshold=2", "must be a number ≥ 0 and ≤ 1"),
         ("overwrite=yes", "`overwrite=yes` is not valid; it must be true or false"),

@@ -518,17 +518,23 @@ class ScProto:
         """Every prototype decoded into a batch-free profile (K × genes).
 
         ``X`` is in the model's input space (log-normalised), ``layers['normalized']`` the
-        normalised expression. Each prototype is decoded at the mean ‖μ‖ of its training
-        cells (stored at training) with the mean reference study embedding; NB models at a
-        library size of ``target_sum``. The run's ``metacells.h5ad`` adds per-prototype
-        statistics.
+        normalised expression. Each prototype is decoded at the mean μ of its training cells
+        (stored at training) with the mean reference study embedding; NB models at a library
+        size of ``target_sum``. A model saved before decoding points were stored decodes
+        the prototype at its cells' mean ‖μ‖ instead. The run's ``metacells.h5ad`` adds
+        per-prototype statistics.
         """
-        n_prototypes = self.module.hparams.n_prototypes
-        norms = self.registry.prototype_norms
-        scale = np.asarray(norms if norms is not None else np.ones(n_prototypes))
-        n_reference = len(self.registry.reference_studies)
+        registry = self.registry
+        if registry.prototype_points is not None:
+            points = np.asarray(registry.prototype_points)
+        else:
+            prototypes = self.get_prototypes()
+            norms = registry.prototype_norms
+            points = prototypes * np.asarray(norms if norms is not None else 1.0).reshape(-1, 1)
+        n_prototypes = len(points)
+        n_reference = len(registry.reference_studies)
         expression, normalised = decode_prototypes(
-            self.module, scale, n_reference, self.spec.target_sum
+            self.module, points, n_reference, self.spec.target_sum
         )
         result = ad.AnnData(
             X=expression.astype(np.float32),

@@ -16,41 +16,46 @@ from scproto.model.module import ScProtoModule
 log = logging.getLogger(__name__)
 
 
-def decoding_scale(latent: np.ndarray, prototype: np.ndarray, n_prototypes: int) -> np.ndarray:
-    """Norm at which to decode each prototype: the mean ‖μ‖ of the cells assigned to it.
+def decoding_points(
+    latent: np.ndarray, prototype: np.ndarray, prototypes: np.ndarray
+) -> np.ndarray:
+    """Where to decode each prototype (K × latent): the mean μ of the cells assigned to it.
 
-    Prototypes are unit vectors but the decoder was trained on μ, whose norms are far from
-    1; decoding a unit vector would leave the data's manifold (the original's defect).
-    Empty prototypes take the mean norm of all cells.
+    A prototype is a unit direction (cosine assignment), but the decoder was trained on μ,
+    whose norms are far from 1; decoding a unit vector would leave the data's manifold (the
+    original's defect), and even the direction rescaled to its cells' mean norm misses their
+    centre, which the decoder knows best: the members' mean decodes closer to their mean
+    expression and keeps markers such as TYROBP apart between NK and CD8 T prototypes.
+    Empty prototypes are decoded along their direction at the mean norm of all cells.
     """
-    norms = np.linalg.norm(latent, axis=1)
-    total = np.bincount(prototype, weights=norms, minlength=n_prototypes)
+    n_prototypes, latent_dim = prototypes.shape
     count = np.bincount(prototype, minlength=n_prototypes)
-    return np.where(count > 0, total / np.maximum(count, 1), norms.mean())
+    total = np.zeros((n_prototypes, latent_dim))
+    np.add.at(total, prototype, latent)
+    unit = prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True).clip(1e-12)
+    fallback = unit * np.linalg.norm(latent, axis=1).mean()
+    return np.where(count[:, None] > 0, total / np.maximum(count, 1)[:, None], fallback)
 
 
 @torch.no_grad()
 def decode_prototypes(
     module: ScProtoModule,
-    scale: np.ndarray,
+    points: np.ndarray,
     n_reference_studies: int,
     library_size: float,
     study: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(model-input expression, normalised expression), each K × genes.
 
-    The decoder gets each prototype at ``scale`` and the mean reference study embedding
-    (or that of study index ``study``: the prototype as that study would measure it).
-    MSE models decode log-normalised expression; NB models decode gene proportions, given
-    here at ``library_size`` counts (NB means, not samples).
+    The decoder gets each prototype's decoding point (:func:`decoding_points`) and the mean
+    reference study embedding (or that of study index ``study``: the prototype as that study
+    would measure it). MSE models decode log-normalised expression; NB models decode gene
+    proportions, given here at ``library_size`` counts (NB means, not samples).
     """
     module.eval()
     cvae = module.cvae
     device = module.device
-    z = (
-        F.normalize(module.prototypes.detach(), dim=1)
-        * torch.as_tensor(scale, dtype=torch.float32, device=device)[:, None]
-    )
+    z = torch.as_tensor(np.asarray(points), dtype=torch.float32, device=device)
     if study is None:
         condition = cvae.mean_study_embedding(n_reference_studies)
     else:
@@ -199,8 +204,8 @@ def metacells(
     """
     n_prototypes = module.hparams.n_prototypes
     prototypes = F.normalize(module.prototypes.detach(), dim=1).cpu().numpy()
-    scale = decoding_scale(latent, prototype, n_prototypes)
-    expression, normalised = decode_prototypes(module, scale, n_reference_studies, library_size)
+    points = decoding_points(latent, prototype, prototypes)
+    expression, normalised = decode_prototypes(module, points, n_reference_studies, library_size)
 
     size = np.bincount(prototype, minlength=n_prototypes)
     # prototype × cell indicator, sparse: a dense one would be n_cells × K
@@ -214,7 +219,7 @@ def metacells(
     obs = pd.DataFrame(index=prototype_names(n_prototypes))
     obs["n_cells"] = size
     obs["is_empty"] = size == 0
-    obs["decoding_norm"] = scale
+    obs["decoding_norm"] = np.linalg.norm(points, axis=1)
     obs["fidelity"] = np.where(size > 0, pearson_rows(expression, np.asarray(mean_x)), np.nan)
 
     composition = pd.crosstab(
@@ -252,12 +257,14 @@ def metacells(
         result.layers["members_counts"] = counts_sum.astype(np.float32)
         result.layers["members_counts_mean"] = (counts_sum / denominator).astype(np.float32)
     for index, layer in enumerate(study_columns(study_names, prefix="normalized_")):
-        per_study = decode_prototypes(module, scale, n_reference_studies, library_size, index)
+        per_study = decode_prototypes(module, points, n_reference_studies, library_size, index)
         result.layers[layer] = per_study[1].astype(np.float32)
     result.obsm["prototype"] = prototypes
+    result.obsm["decoding_point"] = points.astype(np.float32)
     result.uns["decoding"] = {
         "condition": "mean of the reference study embeddings",
-        "scale": "mean norm of the assigned cells' μ (all cells' mean for empty prototypes)",
+        "point": "mean μ of the assigned cells (empty prototypes: the prototype at all cells' "
+        "mean norm)",
         "library_size": float(library_size),
     }
     return result

@@ -23,7 +23,8 @@ class Registry:
     label_key: str | None = None
     reference_studies: list[str] = field(default_factory=list)
     scproto_version: str = ""
-    prototype_norms: list[float] | None = None  # the decoding scale of each prototype
+    prototype_norms: list[float] | None = None  # ‖decoding point‖ (older models: the scale alone)
+    prototype_points: list[list[float]] | None = None  # where each prototype is decoded
     prototype_labels: list[str | None] | None = None  # the label label transfer uses
     prototype_label_confidence: list[float] | None = None
     label_categories: list[str] | None = None  # the training labels' categories

@@ -151,6 +151,7 @@ def describe_prototypes(
         study_names=datamodule.studies,
     )
     model.registry.prototype_norms = table.obs["decoding_norm"].tolist()
+    model.registry.prototype_points = table.obsm["decoding_point"].tolist()
     if labels is not None:
         # The cells a prototype is nearest to speak for the cells it will label; an empty
         # prototype falls back to the label of its 10 most similar cells.

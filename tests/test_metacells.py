@@ -6,16 +6,25 @@ import pandas as pd
 import pytest
 
 from scproto import ScProto
-from scproto.metacells import decoding_scale, majority, pearson_rows, top_similar_labels
+from scproto.metacells import (
+    decode_prototypes,
+    decoding_points,
+    majority,
+    pearson_rows,
+    top_similar_labels,
+)
 from scproto.outputs import prototype_index
 from scproto.train import train
 from tests.conftest import N_EXPRESSED_GENES, compose_config
 
 
-def test_decoding_scale_is_the_mean_norm_of_assigned_cells():
+def test_a_prototype_is_decoded_at_its_cells_mean_and_an_empty_one_along_its_direction():
     latent = np.array([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]])  # norms 5, 1, 10
-    scale = decoding_scale(latent, np.array([0, 1, 0]), n_prototypes=3)
-    np.testing.assert_allclose(scale, [7.5, 1.0, 16 / 3])  # empty prototype: mean of all
+    prototypes = np.array([[0.6, 0.8], [0.0, 1.0], [2.0, 0.0]])  # the last is not unit-norm
+    points = decoding_points(latent, np.array([0, 1, 0]), prototypes)
+    np.testing.assert_allclose(points[0], [4.5, 6.0])  # the mean μ, not a rescaled direction
+    np.testing.assert_allclose(points[1], [0.0, 1.0])
+    np.testing.assert_allclose(points[2], [16 / 3, 0.0])  # empty: all cells' mean norm
 
 
 def test_majority_and_its_share():
@@ -134,9 +143,25 @@ def test_metacells_decode_deterministically_and_as_the_run_wrote(run):
     model = ScProto.load(path / "checkpoints" / "last.ckpt")
     first, second = model.decode_metacells(), model.decode_metacells()
     np.testing.assert_array_equal(first.X, second.X)
+    written = ad.read_h5ad(path / "metacells.h5ad")
+    np.testing.assert_allclose(first.X, written.X, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(
-        first.X, ad.read_h5ad(path / "metacells.h5ad").X, rtol=1e-6, atol=1e-6
+        np.linalg.norm(written.obsm["decoding_point"], axis=1), written.obs["decoding_norm"]
     )
+
+
+def test_a_model_saved_without_decoding_points_decodes_at_its_prototypes_norms(run):
+    path, _ = run
+    model = ScProto.load(path / "checkpoints" / "last.ckpt")
+    norms = np.asarray(model.registry.prototype_norms)
+    model.registry.prototype_points = None  # as stored by earlier versions
+    expected = decode_prototypes(
+        model.module,
+        model.get_prototypes() * norms[:, None],
+        len(model.registry.reference_studies),
+        model.spec.target_sum,
+    )[0]
+    np.testing.assert_allclose(model.decode_metacells().X, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_label_transfer_writes_labels_and_reloads(run, small_adata):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scproto.errors import ScProtoInputError
+from scproto.model.augment import gene_scale_augmentation
 from scproto.model.cvae import ConditionalVAE
 from scproto.model.distributed import gather_labels, gather_scores, world_size
 from scproto.model.losses import batch_swav_losses, geometry_loss
@@ -136,8 +137,10 @@ class ScProtoModule(pl.LightningModule):
         hp = self.hparams
         x, study = batch["x"], batch["study"]
         n_anchors = x.shape[0] // hp.n_views
+        # training views carry a simulated study effect; L_cvae reconstructs the clean x
+        encoded = gene_scale_augmentation(x, hp.n_views, hp.gene_scale_sd) if self.training else x
         # L_cvae on the first cvae_views views of each anchor (view-major rows: a prefix)
-        outputs = self.cvae(x, study, n_decoded=n_anchors * (hp.cvae_views or hp.n_views))
+        outputs = self.cvae(encoded, study, n_decoded=n_anchors * (hp.cvae_views or hp.n_views))
         local_scores = self.scores(outputs["mu"]).view(hp.n_views, -1, hp.n_prototypes)
         scores = gather_scores(local_scores, dim=1)
         terms = batch_swav_losses(

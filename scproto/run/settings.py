@@ -120,6 +120,7 @@ RANGES = {
     "loss.lambda_cvae": NON_NEGATIVE,
     "loss.lambda_prop": NON_NEGATIVE,
     "loss.lambda_geometry": NON_NEGATIVE,
+    "loss.gene_scale_sd": NON_NEGATIVE,
     "loss.kl_weight": NON_NEGATIVE,
     "loss.cvae_views": count(1, optional=True),
     "loss.temperature": POSITIVE,

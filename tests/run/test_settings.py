@@ -20,6 +20,7 @@ from scproto.run.settings import Bound, validate_config
         ("model.dropout=1", "`model.dropout=1`"),
         ("query.epochs=-1", "`query.epochs=-1`"),
         ("data.geometry_smoothing=-1", "`data.geometry_smoothing=-1`"),
+        ("loss.gene_scale_sd=-0.5", "`loss.gene_scale_sd=-0.5`"),
         ("data.batch_size=0", "`data.batch_size=0`"),
         ("label_transfer.uncertainty_threshold=2", "must be a number ≥ 0 and ≤ 1"),
         ("overwrite=yes", "`overwrite=yes` is not valid; it must be true or false"),

@@ -115,7 +115,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks.append(EpochCheckpoint(run_dir / "checkpoints"))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # enable_checkpointing: EpochCheckpoint is the run's Checkpoint callback (Lightning adds
+    # no ModelCheckpoint beside it, and refuses one when checkpointing is off)
+    return hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=True
+    )
 
 
 def reference_labels(datamodule: ScProtoDataModule) -> np.ndarray | None:

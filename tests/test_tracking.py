@@ -2,6 +2,7 @@
 the run closed also when training crashes (so the next job of a sweep starts clean)."""
 
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,19 @@ def offline_records(run_dir: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def closed_run_records(run_dir: Path, timeout: float = 60) -> list[wandb_internal_pb2.Record]:
+    """The records once the run's exit record is in the file: W&B's service process writes
+    the .wandb file and may still be writing its tail when ``wandb.finish`` has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = offline_records(run_dir)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            return records  # the assertions below say what is missing
+        time.sleep(0.5)
+
+
 def keys_of(records, kind: str) -> set[str]:
     items = {
         "history": lambda r: r.history.item,
@@ -67,11 +81,14 @@ def test_offline_run_logs_every_loss_term_config_and_results(make_config, tmp_pa
     )
     train(run)
     assert wandb.run is None  # closed
-    records = offline_records(tmp_path / "run")
+    records = closed_run_records(tmp_path / "run")
     history = keys_of(records, "history")
     assert LOSS_KEYS <= history
     media = {k.rsplit("/", 1)[0] for k in history if k.endswith("/_type")}  # tables, images
-    assert {"eval/coverage", "eval/scgraph", "figures/umap_prototypes"} <= media
+    written = sorted(p.name for p in (tmp_path / "run").rglob("*") if p.suffix in {".csv", ".png"})
+    assert {"eval/coverage", "eval/scgraph", "figures/umap_prototypes"} <= media, (
+        f"media logged: {sorted(media)}; result files: {written}"
+    )
     assert {"config", "scproto_version"} <= keys_of(records, "config")
     assert {"metacells/fidelity_median", "scgraph/corr_weighted"} <= keys_of(records, "summary")
     exits = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
@@ -96,6 +113,8 @@ def test_a_crashed_run_is_closed_with_a_failure_code(make_config, tmp_path, monk
         train(make_config("logger=wandb"))
     assert wandb.run is None
     exits = [
-        r.exit for r in offline_records(tmp_path / "run") if r.WhichOneof("record_type") == "exit"
+        r.exit
+        for r in closed_run_records(tmp_path / "run")
+        if r.WhichOneof("record_type") == "exit"
     ]
     assert len(exits) == 1 and exits[0].exit_code == 1

@@ -1,7 +1,9 @@
 """Checkpoints that a run can resume from exactly: ``last.ckpt`` after every epoch.
 
 Lightning saves the weights, optimiser, schedule and loop counters; the view sampler's
-stream depends only on (seed, epoch). What is left are the global random states (dropout,
+stream depends only on (seed, epoch). The file is written after the LightningModule's
+``on_train_epoch_end`` (k-means after the warm-up, re-seeding unused prototypes), so it
+holds the prototypes the next epoch starts from. What is left are the global random states (dropout,
 the reparameterisation noise, the loader's seed), saved here as plain tensors, lists and
 numbers so that checkpoints load with ``weights_only=True``: a file carrying pickled
 objects is refused, never executed.
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Checkpoint
 
 from scproto.errors import ScProtoInputError
 from scproto.run.directory import CHECKPOINT, atomic_path
@@ -103,9 +106,14 @@ def check_resumable(checkpoint: dict[str, Any], module: pl.LightningModule, path
         )
 
 
-class EpochCheckpoint(pl.Callback):
+class EpochCheckpoint(Checkpoint):
     """Writes ``checkpoints/last.ckpt`` atomically at the end of every training epoch, with
-    the random states; restores them on resume; says how to resume after Ctrl-C."""
+    the random states; restores them on resume; says how to resume after Ctrl-C.
+
+    A :class:`~pytorch_lightning.callbacks.Checkpoint`: Lightning calls those after the
+    module's ``on_train_epoch_end``, other callbacks before it. As a plain callback it saved
+    the prototypes from before that epoch's k-means or re-seeding, and a resume lost them.
+    """
 
     def __init__(self, dirpath: str | Path) -> None:
         self.path = Path(dirpath) / "last.ckpt"

@@ -10,8 +10,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Checkpoint
 
 import scproto.train as training
 from scproto import ScProto, ScProtoInputError
@@ -21,8 +21,9 @@ from tests.conftest import ROOT
 EPOCHS = ["trainer.max_epochs=5"]
 
 
-def with_callback(monkeypatch, callback: pl.Callback) -> None:
-    """Add ``callback`` after the run's own (so it sees each epoch's checkpoint written)."""
+def with_callback(monkeypatch, callback: Checkpoint) -> None:
+    """Add ``callback`` after the run's own. A Checkpoint, so that it runs where the run's
+    EpochCheckpoint does (after the module's epoch end) and sees each epoch's file written."""
     build = training.build_trainer
 
     def build_with(cfg, run_dir):
@@ -33,7 +34,7 @@ def with_callback(monkeypatch, callback: pl.Callback) -> None:
     monkeypatch.setattr(training, "build_trainer", build_with)
 
 
-class InterruptAt(pl.Callback):
+class InterruptAt(Checkpoint):
     def __init__(self, epoch: int, exception: BaseException) -> None:
         self.epoch, self.exception = epoch, exception
 
@@ -49,7 +50,7 @@ def embedding(run) -> np.ndarray:
 def test_last_ckpt_is_written_after_every_epoch(make_config, monkeypatch, tmp_path):
     seen = []
 
-    class Look(pl.Callback):
+    class Look(Checkpoint):
         def on_train_epoch_end(self, trainer, pl_module):
             checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
             seen.append((checkpoint["epoch"], checkpoint["global_step"], trainer.global_step))
@@ -61,10 +62,19 @@ def test_last_ckpt_is_written_after_every_epoch(make_config, monkeypatch, tmp_pa
     assert all(saved == current for _, saved, current in seen)
 
 
+# Interrupted after epoch 3, whose end moves the prototypes in the second and third case.
+PROTOTYPE_UPDATES = {
+    "none": [],
+    "k-means after the warm-up": ["model.prototype_init=kmeans", "model.cvae_warmup_epochs=3"],
+    "re-seeding": ["model.reseed_prototypes=true"],
+}
+
+
+@pytest.mark.parametrize("update", PROTOTYPE_UPDATES)
 def test_ctrl_c_says_how_to_resume_and_the_resumed_run_equals_the_uninterrupted(
-    make_config, monkeypatch, tmp_path, caplog
+    make_config, monkeypatch, tmp_path, caplog, update
 ):
-    settings = [*EPOCHS, "logger=csv"]
+    settings = [*EPOCHS, "logger=csv", *PROTOTYPE_UPDATES[update]]
     training.train(make_config(*settings, run_dir=tmp_path / "full"))
     with_callback(monkeypatch, InterruptAt(2, KeyboardInterrupt()))
     with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
@@ -166,4 +176,4 @@ def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_embedding(tmp_p
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
     difference = np.abs(embedding(cut) - embedding(tmp_path / "full")).max()
-    assert difference <= 1e-5
+    assert difference <= 1e-5, f"killed after epoch {saved}: max difference {difference}"

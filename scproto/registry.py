@@ -23,7 +23,8 @@ class Registry:
     label_key: str | None = None
     reference_studies: list[str] = field(default_factory=list)
     scproto_version: str = ""
-    prototype_norms: list[float] | None = None  # ‖decoding point‖ (older models: the scale alone)
+    # Read only: models saved before prototype_points decode the prototype at this norm.
+    prototype_norms: list[float] | None = None
     prototype_points: list[list[float]] | None = None  # where each prototype is decoded
     prototype_labels: list[str | None] | None = None  # the label label transfer uses
     prototype_label_confidence: list[float] | None = None

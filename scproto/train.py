@@ -154,7 +154,6 @@ def describe_prototypes(
         library_sizes=datamodule.library_size,
         study_names=datamodule.studies,
     )
-    model.registry.prototype_norms = table.obs["decoding_norm"].tolist()
     model.registry.prototype_points = table.obsm["decoding_point"].tolist()
     if labels is not None:
         # The cells a prototype is nearest to speak for the cells it will label; an empty

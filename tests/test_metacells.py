@@ -153,8 +153,10 @@ def test_metacells_decode_deterministically_and_as_the_run_wrote(run):
 def test_a_model_saved_without_decoding_points_decodes_at_its_prototypes_norms(run):
     path, _ = run
     model = ScProto.load(path / "checkpoints" / "last.ckpt")
-    norms = np.asarray(model.registry.prototype_norms)
-    model.registry.prototype_points = None  # as stored by earlier versions
+    assert model.registry.prototype_norms is None  # derivable from the points: not stored
+    norms = np.linspace(1.0, 3.0, len(model.get_prototypes()))
+    # as stored by earlier versions: a norm per prototype, no points
+    model.registry.prototype_norms, model.registry.prototype_points = norms.tolist(), None
     expected = decode_prototypes(
         model.module,
         model.get_prototypes() * norms[:, None],

@@ -42,13 +42,17 @@ def offline_records(run_dir: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def exits_of(records) -> list:
+    return [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+
+
 def closed_run_records(run_dir: Path, timeout: float = 60) -> list[wandb_internal_pb2.Record]:
     """The records once the run's exit record is in the file: W&B's service process writes
     the .wandb file and may still be writing its tail when ``wandb.finish`` has returned."""
     deadline = time.monotonic() + timeout
     while True:
         records = offline_records(run_dir)
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
+        if exits_of(records):
             return records
         if time.monotonic() > deadline:
             return records  # the assertions below say what is missing
@@ -91,7 +95,7 @@ def test_offline_run_logs_every_loss_term_config_and_results(make_config, tmp_pa
     )
     assert {"config", "scproto_version"} <= keys_of(records, "config")
     assert {"metacells/fidelity_median", "scgraph/corr_weighted"} <= keys_of(records, "summary")
-    exits = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    exits = exits_of(records)
     assert len(exits) == 1 and exits[0].exit_code == 0
     version = next(
         item.value_json
@@ -112,9 +116,5 @@ def test_a_crashed_run_is_closed_with_a_failure_code(make_config, tmp_path, monk
     with pytest.raises(RuntimeError, match="boom"):
         train(make_config("logger=wandb"))
     assert wandb.run is None
-    exits = [
-        r.exit
-        for r in closed_run_records(tmp_path / "run")
-        if r.WhichOneof("record_type") == "exit"
-    ]
+    exits = exits_of(closed_run_records(tmp_path / "run"))
     assert len(exits) == 1 and exits[0].exit_code == 1

@@ -3,10 +3,10 @@
 Lightning saves the weights, optimiser, schedule and loop counters; the view sampler's
 stream depends only on (seed, epoch). The file is written after the LightningModule's
 ``on_train_epoch_end`` (k-means after the warm-up, re-seeding unused prototypes), so it
-holds the prototypes the next epoch starts from. What is left are the global random states (dropout,
-the reparameterisation noise, the loader's seed), saved here as plain tensors, lists and
-numbers so that checkpoints load with ``weights_only=True``: a file carrying pickled
-objects is refused, never executed.
+holds the prototypes the next epoch starts from. What is left are the global random
+states (dropout, the reparameterisation noise, the loader's seed), saved here as plain
+tensors, lists and numbers so that checkpoints load with ``weights_only=True``: a file
+carrying pickled objects is refused, never executed.
 """
 
 import logging

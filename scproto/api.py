@@ -29,7 +29,7 @@ from scproto.errors import ScProtoInputError
 from scproto.metacells import decode_prototypes, prototype_names
 from scproto.model.module import SETTING_GROUPS as MODULE_SETTING_GROUPS
 from scproto.model.module import ScProtoModule
-from scproto.query import expand_studies, train_new_rows
+from scproto.query import OBJECTIVES, expand_studies, train_new_rows
 from scproto.registry import Registry
 from scproto.run.checkpoint import load_checkpoint, stored_settings
 from scproto.run.directory import CHECKPOINT, atomic_path
@@ -68,7 +68,7 @@ class ScProto:
         the defaults are those of ``python train.py``.
         """
         self.adata: ad.AnnData | None = None
-        self.mapping_losses: list[float] = []  # CVAE loss per epoch of the last map_query
+        self.mapping_losses: list[float] = []  # loss per epoch of the last map_query
         self._metacells: ad.AnnData | None = None
         if isinstance(adata, ScProtoModule):
             if settings:
@@ -245,6 +245,8 @@ class ScProto:
             )
         try:
             module = ScProtoModule(**stored_settings(checkpoint))
+            if any(".study_shift." in key for key in checkpoint["state_dict"]):
+                module.cvae.add_study_shifts()  # a model that mapped studies with them
             module.load_state_dict(checkpoint["state_dict"])
         except (TypeError, RuntimeError, KeyError) as error:
             raise ScProtoInputError(
@@ -351,9 +353,11 @@ class ScProto:
         adata: ad.AnnData,
         epochs: int = 100,
         lr: float = 1e-2,
-        batch_size: int = 1024,
+        batch_size: int = 512,
         seed: int = 0,
         *,
+        objective: str = "scproto",
+        study_shift: bool = True,
         x: sp.csr_matrix | None = None,
         counts: sp.csr_matrix | None = None,
     ) -> "ScProto":
@@ -363,9 +367,14 @@ class ScProto:
         ``adata`` (:meth:`model_input`, :meth:`counts_input`), when the caller has it
         already (training does); otherwise the new studies' cells are prepared.
 
-        scArches surgery: each new study gets its own embedding row; only those rows (and
-        their NB dispersion) train, for ``epochs`` epochs on the new studies' cells; every
-        other parameter stays bit-identical. Genes are matched by name.
+        scArches surgery: each new study gets its own embedding row (and, ``study_shift``,
+        a free shift of each conditioned layer); only those rows (and their NB dispersion)
+        train, for ``epochs`` epochs on the new studies' cells; every other parameter stays
+        bit-identical. ``objective="scproto"`` trains them with the training loss on views
+        of the query cells built as training built the reference's (SwAV within each new
+        study over the frozen prototypes, propagation, L_cvae, L_geometry), so the query
+        lands where the reference put the same cells; ``"cvae"`` is scArches' L_cvae alone.
+        Genes are matched by name.
 
         >>> mapped = model.map_query(query_adata, epochs=100)
         >>> query_adata.obsm["X_scproto"] = mapped.get_latent(query_adata)
@@ -373,6 +382,10 @@ class ScProto:
         check_argument("epochs", epochs, count(0))
         check_argument("lr", lr, POSITIVE)
         check_argument("batch_size", batch_size, count(1))
+        if objective not in OBJECTIVES:
+            raise ScProtoInputError(
+                f"objective must be one of {list(OBJECTIVES)}, got {objective!r}"
+            )
         key = self.registry.batch_key
         self.study_codes(adata)  # checks the key
         studies = pd.unique(adata.obs[key].astype(str))
@@ -382,7 +395,7 @@ class ScProto:
                 "every study of the query is known to the model: nothing to map", stacklevel=2
             )
             return self
-        mapped = ScProto(expand_studies(self.module, new_studies))
+        mapped = ScProto(expand_studies(self.module, new_studies, study_shift))
         codes = mapped.study_codes(adata)
         query = np.flatnonzero(codes >= len(self.studies))
         if x is None:  # prepare the query cells alone
@@ -401,6 +414,8 @@ class ScProto:
             codes,
             counts,
             cells=query,
+            objective=objective,
+            study_shift=study_shift,
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,
@@ -476,7 +491,7 @@ class ScProto:
         for start in range(0, len(latent), batch_size):
             z = torch.from_numpy(latent[start : start + batch_size]).to(device)
             study = torch.from_numpy(codes[start : start + batch_size]).to(device)
-            decoded = cvae.decode(z, cvae.condition(study)).cpu().numpy()
+            decoded = cvae.decode(z, cvae.condition(study), study).cpu().numpy()
             parts.append(
                 decoded * self.spec.target_sum if cvae.likelihood == "nb" else np.expm1(decoded)
             )

@@ -39,7 +39,13 @@ def map_file(cfg: DictConfig) -> Path:
     adata = read_h5ad(cfg.data.path)
     known = set(model.studies)
     mapped = model.map_query(
-        adata, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed
+        adata,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        objective=cfg.objective,
+        study_shift=cfg.study_shift,
     )
     x = mapped.model_input(adata)
     latent = mapped.latent_of(x, mapped.study_codes(adata))

@@ -56,11 +56,13 @@ def decode_prototypes(
     cvae = module.cvae
     device = module.device
     z = torch.as_tensor(np.asarray(points), dtype=torch.float32, device=device)
+    codes = None
     if study is None:
         condition = cvae.mean_study_embedding(n_reference_studies)
     else:
-        condition = cvae.study_embedding(torch.tensor([study], device=device))[0]
-    decoded = cvae.decode(z, condition.expand(len(z), -1)).cpu().numpy()
+        codes = torch.full((len(z),), study, device=device)
+        condition = cvae.study_embedding(codes[:1])[0]
+    decoded = cvae.decode(z, condition.expand(len(z), -1), codes).cpu().numpy()
     if cvae.likelihood == "nb":
         normalised = decoded * library_size
         return np.log1p(normalised), normalised

@@ -1,8 +1,17 @@
 """Query mapping by scArches surgery: new studies get new rows in the study embedding
-(and the NB dispersion); every other parameter is frozen and only those rows train, on
-the query cells, with the CVAE loss."""
+(and the NB dispersion) and, with ``study_shift``, a free shift of each conditioned
+layer; every other parameter is frozen and only those rows train, on the query cells.
+
+The ``scproto`` objective trains them with the training loss itself, on views built from
+the query cells as training built them from the reference: SwAV within each new study
+(Sinkhorn over the frozen prototypes), propagation, L_cvae and L_geometry on the study's
+own PCA. The ``cvae`` objective is scArches' (L_cvae alone), which only asks the new study
+to be reconstructed, not to land where the reference put the same cells.
+"""
 
 import copy
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -10,16 +19,23 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from scproto.data.views import dense_rows
+from scproto.data import graph, knn
+from scproto.data.views import ViewBatchSampler, ViewRows, dense_rows, neighbor_probabilities
+from scproto.errors import ScProtoInputError
 from scproto.model.module import ScProtoModule
+from scproto.run.settings import group_defaults
+
+OBJECTIVES = ("scproto", "cvae")
 
 
-def expand_studies(module: ScProtoModule, new_studies: list[str]) -> ScProtoModule:
+def expand_studies(
+    module: ScProtoModule, new_studies: list[str], study_shift: bool = True
+) -> ScProtoModule:
     """A copy of ``module`` with rows for ``new_studies`` and all other parameters frozen.
 
-    New rows start at the mean of the reference rows, the embedding an unseen study gets
-    without surgery, so zero mapping epochs reproduces that encoding (the original drew
-    them at random and trained them for zero epochs).
+    New rows start at the mean of the reference rows (and at no shift), the embedding an
+    unseen study gets without surgery, so zero mapping epochs reproduces that encoding (the
+    original drew them at random and trained them for zero epochs).
     """
     module = copy.deepcopy(module)
     cvae = module.cvae
@@ -30,6 +46,8 @@ def expand_studies(module: ScProtoModule, new_studies: list[str]) -> ScProtoModu
         expanded.weight[:n_old] = old.weight
         expanded.weight[n_old:] = cvae.mean_study_embedding()
     cvae.study_embedding = expanded
+    if study_shift or cvae.has_study_shifts:  # a mapped model's shifts keep their rows
+        cvae.add_study_shifts()
     if cvae.likelihood == "nb":
         theta = cvae.log_theta.detach()
         cvae.log_theta = nn.Parameter(
@@ -38,7 +56,7 @@ def expand_studies(module: ScProtoModule, new_studies: list[str]) -> ScProtoModu
 
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    for parameter in new_row_parameters(module):
+    for parameter in new_row_parameters(module, study_shift):
         parameter.requires_grad_(True)
         # only the rows of the new studies may move
         mask = torch.zeros_like(parameter)
@@ -49,9 +67,61 @@ def expand_studies(module: ScProtoModule, new_studies: list[str]) -> ScProtoModu
     return module
 
 
-def new_row_parameters(module: ScProtoModule) -> list[nn.Parameter]:
+def new_row_parameters(module: ScProtoModule, study_shift: bool = False) -> list[nn.Parameter]:
     cvae = module.cvae
-    return [cvae.study_embedding.weight] + ([cvae.log_theta] if cvae.likelihood == "nb" else [])
+    parameters = [cvae.study_embedding.weight]
+    if study_shift:
+        parameters += [cvae.encoder.study_shift.weight, cvae.decoder.study_shift.weight]
+    return parameters + ([cvae.log_theta] if cvae.likelihood == "nb" else [])
+
+
+@dataclass
+class QueryViews:
+    """The query cells' kNN graph (positions among them) and per-study PCA (None when
+    L_geometry is off), built as training built the reference's."""
+
+    neighbors: np.ndarray
+    distances: np.ndarray
+    pca: np.ndarray | None
+    weighting: str = "uniform"
+
+
+def query_views(
+    x: sp.csr_matrix,
+    cells: np.ndarray,
+    study: np.ndarray,
+    settings: dict[str, Any] | None,
+    *,
+    with_geometry: bool,
+    seed: int = 0,
+) -> QueryViews:
+    """Views of ``x[cells]``: one kNN graph over all of them (as over all reference cells in
+    training) and, ``with_geometry``, each study's own PCA. ``settings``: the model's
+    ``registry.view_settings`` (the data config's defaults for models saved before it)."""
+    settings = {**group_defaults("data"), **(settings or {})}
+    kind = knn.index_kind("auto", len(cells), settings["knn_approximate_above"])
+    neighbors, distances, _ = graph.pca_neighbors(
+        x,
+        cells,
+        n_pcs=settings["n_pcs"],
+        n_neighbors=settings["n_neighbors"],
+        kind=kind,
+        seed=seed,
+        pca_max_cells=settings["pca_max_cells"],
+    )
+    pca = None
+    if with_geometry:
+        pca = graph.study_pca(
+            x,
+            cells,
+            study[cells],
+            n_components=settings["geometry_pcs"],
+            smoothing=settings["geometry_smoothing"],
+            seed=seed,
+            pca_max_cells=settings["pca_max_cells"],
+            approximate_above=settings["knn_approximate_above"],
+        )
+    return QueryViews(neighbors, distances, pca, settings["neighbor_weighting"])
 
 
 def train_new_rows(
@@ -60,37 +130,98 @@ def train_new_rows(
     study: np.ndarray,
     counts: sp.csr_matrix | None = None,
     *,
+    objective: str = "scproto",
+    study_shift: bool = True,
     epochs: int = 100,
     lr: float = 1e-2,
-    batch_size: int = 1024,
+    batch_size: int = 512,
     seed: int = 0,
     cells: np.ndarray | None = None,
 ) -> list[float]:
-    """Adam on L_cvae = recon + kl_weight·KL over the query cells; returns the epoch losses.
+    """Adam on the new studies' rows over the query cells; returns the epoch losses.
 
+    ``objective``: ``scproto`` (the training loss on the query cells' views, ``batch_size``
+    anchors per step) or ``cvae`` (recon + kl_weight·KL, ``batch_size`` cells per step).
     ``cells``: the rows of ``x``, ``study`` and ``counts`` that are query cells (all by
     default), so an atlas's model input is not copied to take them."""
+    if objective not in OBJECTIVES:
+        raise ScProtoInputError(
+            f"query.objective must be one of {list(OBJECTIVES)}, got {objective!r}"
+        )
     cells = np.arange(x.shape[0]) if cells is None else np.asarray(cells)
-    optimizer = torch.optim.Adam(new_row_parameters(module), lr=lr)
+    optimizer = torch.optim.Adam(new_row_parameters(module, study_shift), lr=lr)
     torch.manual_seed(seed)  # the reparameterisation noise and dropout
-    rng = np.random.default_rng(seed)
-    kl_weight = module.hparams.kl_weight
-    device = module.device
+    if objective == "scproto":
+        views = query_views(
+            x,
+            cells,
+            study,
+            module.registry.view_settings if module.registry else None,
+            with_geometry=module.hparams.lambda_geometry > 0,
+            seed=seed,
+        )
+        batches = view_batches(views, x, study, counts, cells, batch_size, module, seed)
+    else:
+        batches = cell_batches(x, study, counts, cells, batch_size, seed)
     losses = []
     module.train()
-    for _ in trange(epochs, desc="query mapping", leave=False, disable=epochs == 0):
-        order = rng.permutation(len(cells))
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            rows = cells[order[start : start + batch_size]]
-            xb = torch.from_numpy(dense_rows(x, rows)).to(device)
-            sb = torch.from_numpy(study[rows]).to(device)
-            cb = None if counts is None else torch.from_numpy(dense_rows(counts, rows)).to(device)
-            loss = module.cvae.loss(xb, sb, module.cvae(xb, sb), cb, kl_weight=kl_weight)["cvae"]
+    for epoch in trange(epochs, desc="query mapping", leave=False, disable=epochs == 0):
+        total, n_batches = 0.0, 0
+        for batch in batches(epoch):
+            batch = {k: v.to(module.device) for k, v in batch.items()}
+            if objective == "scproto":
+                loss = module.compute_losses(batch, during_fit=False)["loss"]
+            else:
+                outputs = module.cvae(batch["x"], batch["study"])
+                loss = module.cvae.loss(
+                    batch["x"],
+                    batch["study"],
+                    outputs,
+                    batch.get("counts"),
+                    kl_weight=module.hparams.kl_weight,
+                )["cvae"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(rows)
-        losses.append(total / len(order))
+            total, n_batches = total + loss.item(), n_batches + 1
+        losses.append(total / max(n_batches, 1))
     module.eval()
     return losses
+
+
+def view_batches(views, x, study, counts, cells, batch_size, module, seed):
+    """Epoch → minibatches of ``module.hparams.n_views`` views of query anchors."""
+    rows = ViewRows(x, study, counts, cells=cells, pca=views.pca)
+    sampler = ViewBatchSampler(
+        views.neighbors,
+        batch_size=min(batch_size, len(cells)),
+        n_views=module.hparams.n_views,
+        seed=seed,
+        probabilities=neighbor_probabilities(views.distances, views.weighting),
+    )
+
+    def epoch_batches(epoch: int):
+        sampler.set_epoch(epoch)
+        for indices in sampler:
+            yield rows.__getitems__(indices)
+
+    return epoch_batches
+
+
+def cell_batches(x, study, counts, cells, batch_size, seed):
+    """Epoch → minibatches of query cells, reshuffled each epoch."""
+    rng = np.random.default_rng(seed)
+
+    def epoch_batches(epoch: int):
+        order = rng.permutation(len(cells))
+        for start in range(0, len(order), batch_size):
+            rows = cells[order[start : start + batch_size]]
+            batch = {
+                "x": torch.from_numpy(dense_rows(x, rows)),
+                "study": torch.from_numpy(study[rows]),
+            }
+            if counts is not None:
+                batch["counts"] = torch.from_numpy(dense_rows(counts, rows))
+            yield batch
+
+    return epoch_batches

@@ -30,6 +30,9 @@ class Registry:
     prototype_label_confidence: list[float] | None = None
     label_categories: list[str] | None = None  # the training labels' categories
     label_uncertainty_threshold: float = 0.7  # label_transfer.uncertainty_threshold
+    # the data settings training built its views with (n_pcs, n_neighbors, geometry_pcs,
+    # ...), which query mapping reuses; None in models saved before them (data defaults)
+    view_settings: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.reference_studies:  # checkpoints written before query mapping

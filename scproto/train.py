@@ -273,11 +273,12 @@ def fit_and_write(
             datamodule.adata, seed=cfg.seed, x=datamodule.x, counts=datamodule.counts, **cfg.query
         )
         log.info(
-            "query mapping of %s: %d epochs, %.1f s, CVAE loss %s",
+            "query mapping of %s: %d epochs, %.1f s, %s loss %s",
             datamodule.query_studies,
             cfg.query.epochs,
             time.perf_counter() - start,
-            f"{model.mapping_losses[0]:.1f} → {model.mapping_losses[-1]:.1f}"
+            cfg.query.objective,
+            f"{model.mapping_losses[0]:.3g} → {model.mapping_losses[-1]:.3g}"
             if model.mapping_losses
             else "-",
         )

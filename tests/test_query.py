@@ -11,9 +11,10 @@ from tests.conftest import compose_config
 
 @pytest.fixture(scope="module")
 def reference_model(tmp_path_factory):
-    """The trained model before query mapping: it has seen only study_0..2."""
+    """The trained model before query mapping: it has seen only study_0..2 (20 epochs, so
+    its prototypes hold the cell types the query should land on)."""
     run = tmp_path_factory.mktemp("query") / "run"
-    _, objects = train(compose_config(run, ["query.epochs=2"]))
+    _, objects = train(compose_config(run, ["trainer.max_epochs=20", "query.epochs=0"]))
     return objects["reference_model"]
 
 
@@ -22,9 +23,10 @@ def query(small_adata):
     return small_adata[small_adata.obs["study"] == "study_3"].copy()
 
 
-def test_surgery_freezes_everything_but_the_new_rows(reference_model, query):
+@pytest.mark.parametrize("objective", ["scproto", "cvae"])
+def test_surgery_freezes_everything_but_the_new_rows(reference_model, query, objective):
     before = {k: v.clone() for k, v in reference_model.module.state_dict().items()}
-    mapped = reference_model.map_query(query, epochs=5)
+    mapped = reference_model.map_query(query, epochs=5, objective=objective)
     after = mapped.module.state_dict()
     n_old = len(reference_model.studies)
     for name, value in before.items():
@@ -35,12 +37,55 @@ def test_surgery_freezes_everything_but_the_new_rows(reference_model, query):
             torch.testing.assert_close(after[name], value, rtol=0, atol=0, msg=name)
     start = reference_model.module.cvae.mean_study_embedding()
     assert not torch.allclose(after["cvae.study_embedding.weight"][n_old], start)
-    assert mapped.mapping_losses[-1] < mapped.mapping_losses[0]
+    for block in ("encoder", "decoder"):  # the reference studies keep no shift
+        shift = after[f"cvae.{block}.study_shift.weight"]
+        assert shift.shape[0] == n_old + 1
+        assert (shift[:n_old] == 0).all() and (shift[n_old] != 0).any()
+    if objective == "cvae":  # (the scproto loss's Sinkhorn targets move between epochs)
+        assert mapped.mapping_losses[-1] < mapped.mapping_losses[0]
     # the original model is untouched
     torch.testing.assert_close(
         reference_model.module.state_dict()["cvae.study_embedding.weight"],
         before["cvae.study_embedding.weight"],
     )
+    assert not reference_model.module.cvae.has_study_shifts
+
+
+def test_without_study_shift_only_the_embedding_row_moves(reference_model, query):
+    mapped = reference_model.map_query(query, epochs=2, study_shift=False)
+    assert not mapped.module.cvae.has_study_shifts
+    assert set(mapped.module.state_dict()) == set(reference_model.module.state_dict())
+
+
+def query_offset(model, adata) -> float:
+    """Mean distance in μ between each type's query and reference centroids."""
+    latent = model.get_latent(adata)
+    is_query = (adata.obs["study"] == "study_3").to_numpy()
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    gaps = [
+        np.linalg.norm(
+            latent[is_query & (types == t)].mean(0) - latent[~is_query & (types == t)].mean(0)
+        )
+        for t in np.unique(types[is_query])
+        if (is_query & (types == t)).sum() >= 5 and (~is_query & (types == t)).sum() >= 5
+    ]
+    return float(np.mean(gaps))
+
+
+def test_the_training_objective_brings_the_query_to_its_reference_types(
+    reference_model, query, small_adata
+):
+    """The scproto objective's point: the query lands where the reference put the same
+    cell types, nearer than the unmapped encoding and than scArches' L_cvae alone."""
+    unmapped = query_offset(reference_model, small_adata)
+    cvae = query_offset(reference_model.map_query(query, epochs=30, objective="cvae"), small_adata)
+    scproto = query_offset(reference_model.map_query(query, epochs=30), small_adata)
+    assert scproto < 0.8 * min(unmapped, cvae), (unmapped, cvae, scproto)
+
+
+def test_an_unknown_objective_is_refused(reference_model, query):
+    with pytest.raises(ScProtoInputError, match="objective must be one of"):
+        reference_model.map_query(query, epochs=1, objective="swav")
 
 
 def test_zero_epochs_equals_the_mean_embedding_encoding(reference_model, query):

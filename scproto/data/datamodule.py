@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
-from scproto.data import backed, knn
+from scproto.data import backed, graph, knn
 from scproto.data.io import (
     matrix_values,
     validate_anndata,
@@ -32,7 +32,6 @@ from scproto.data.preprocess import (
     highly_variable_genes,
     log_normalized,
     looks_like_counts,
-    randomized_pca,
     select_genes,
     source_matrix,
 )
@@ -348,20 +347,19 @@ class ScProtoDataModule(pl.LightningDataModule):
         cached = knn.load_cached(self.cache_dir, key)
         if cached is not None:
             self.timings["kNN graph (cached)"] = 0.0
-            *graph, self.knn_recall = cached
-            return tuple(graph)
-        with timed("PCA", self.timings, log):
-            coordinates = randomized_pca(
-                x, self.n_pcs, seed=self.seed, rows=rows, max_fit_cells=self.pca_max_cells
-            )
-        with timed(f"{self.n_neighbors}-NN ({kind}, faiss)", self.timings, log):
-            neighbors, distances, self.knn_recall = knn.knn_graph(
-                coordinates,
-                self.n_neighbors,
+            *found, self.knn_recall = cached
+            return tuple(found)
+        with timed(f"PCA + {self.n_neighbors}-NN ({kind}, faiss)", self.timings, log):
+            neighbors, distances, self.knn_recall = graph.pca_neighbors(
+                x,
+                rows,
+                n_pcs=self.n_pcs,
+                n_neighbors=self.n_neighbors,
                 kind=kind,
                 seed=self.seed,
                 nprobe=self.knn_nprobe,
                 min_recall=self.knn_min_recall,
+                pca_max_cells=self.pca_max_cells,
             )
         if kind != "exact":
             log.info(
@@ -374,38 +372,21 @@ class ScProtoDataModule(pl.LightningDataModule):
         return neighbors, distances
 
     def _study_pca(self) -> np.ndarray | None:
-        """Each training cell on its own study's top ``geometry_pcs`` components (float32,
-        one row per training cell), the geometry L_geometry keeps.
-
-        A study's own PCA has no study effect in it, and its leading components hold the
-        differences between cell types while the trailing ones are mostly sampling noise.
-        With ``geometry_smoothing`` = k, each cell is replaced by the mean of itself and its
-        k nearest cells of the study: the spread inside a population (noise) shrinks, the
-        distances between populations stay.
-        """
+        """Each training cell on its own study's top ``geometry_pcs`` components
+        (:func:`scproto.data.graph.study_pca`), the geometry L_geometry keeps."""
         if not self.geometry_pcs:
             return None
-        pca = np.zeros((len(self.train_index), self.geometry_pcs), dtype=np.float32)
-        codes = self.study_codes[self.train_index]
         with timed(f"per-study PCA ({self.geometry_pcs} components)", self.timings, log):
-            for code in np.unique(codes):
-                cells = np.flatnonzero(codes == code)
-                coordinates = randomized_pca(
-                    self.x,
-                    self.geometry_pcs,
-                    seed=self.seed,
-                    rows=self.train_index[cells],
-                    max_fit_cells=self.pca_max_cells,
-                )
-                if self.geometry_smoothing and len(cells) > self.geometry_smoothing:
-                    coordinates = knn.neighbourhood_means(
-                        coordinates,
-                        self.geometry_smoothing,
-                        seed=self.seed,
-                        approximate_above=self.knn_approximate_above,
-                    )
-                pca[cells, : coordinates.shape[1]] = coordinates
-        return pca
+            return graph.study_pca(
+                self.x,
+                self.train_index,
+                self.study_codes[self.train_index],
+                n_components=self.geometry_pcs,
+                smoothing=self.geometry_smoothing,
+                seed=self.seed,
+                pca_max_cells=self.pca_max_cells,
+                approximate_above=self.knn_approximate_above,
+            )
 
     # ------------------------------------------------------------------ what the model needs
     @property
@@ -418,6 +399,15 @@ class ScProtoDataModule(pl.LightningDataModule):
             studies=list(self.studies),
             reference_studies=list(self.studies),  # studies grows with query mapping
             likelihood=self.likelihood,
+            view_settings={  # query mapping builds the query cells' views the same way
+                "n_pcs": self.n_pcs,
+                "n_neighbors": self.n_neighbors,
+                "neighbor_weighting": self.neighbor_weighting,
+                "geometry_pcs": self.geometry_pcs,
+                "geometry_smoothing": self.geometry_smoothing,
+                "pca_max_cells": self.pca_max_cells,
+                "knn_approximate_above": self.knn_approximate_above,
+            },
         )
 
     def train_dataloader(self) -> DataLoader:

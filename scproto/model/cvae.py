@@ -14,11 +14,16 @@ Likelihood = Literal["mse", "nb"]
 
 
 class ConditionedBlock(nn.Module):
-    """Linear([x ‖ e]) → LayerNorm (no affine, as in scPoli) → ReLU → Dropout.
+    """Linear([x ‖ e]) (+ b_s) → LayerNorm (no affine, as in scPoli) → ReLU → Dropout.
 
     The linear map is computed as W_x·x + W_e·e: the same function as on the
     concatenation, but without copying x, and autograd never forms the gradient with
     respect to x (a full rows × genes product) just to reach the embedding e.
+
+    ``study_shift`` (absent until query mapping adds it) holds a free pre-activation shift
+    b_s per study, zero for the studies the model was trained on: what scArches' surgery
+    trains for a new one-hot study column. Through W_e alone a new study reaches only a
+    ``n_condition``-dimensional subspace of the layer's ``n_out`` units.
     """
 
     def __init__(self, n_in: int, n_condition: int, n_out: int, dropout: float) -> None:
@@ -28,9 +33,16 @@ class ConditionedBlock(nn.Module):
         self.post = nn.Sequential(
             nn.LayerNorm(n_out, elementwise_affine=False), nn.ReLU(), nn.Dropout(dropout)
         )
+        self.study_shift: nn.Embedding | None = None
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.post(self.data(x) + self.condition(condition))
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor, study: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``study``: each row's study code, for the shift (−1, or None: no shift)."""
+        pre = self.data(x) + self.condition(condition)
+        if self.study_shift is not None and study is not None:
+            pre = pre + self.study_shift(study.clamp_min(0)) * (study >= 0)[:, None]
+        return self.post(pre)
 
 
 class ConditionalVAE(nn.Module):
@@ -99,13 +111,35 @@ class ConditionalVAE(nn.Module):
         embedding = self.study_embedding(study.clamp_min(0))
         return torch.where(unseen[:, None], self.mean_study_embedding(), embedding)
 
+    @property
+    def has_study_shifts(self) -> bool:
+        return self.encoder.study_shift is not None
+
+    def add_study_shifts(self) -> None:
+        """Give both conditioned layers a pre-activation shift per study, all zero (the
+        model's function is unchanged until query mapping trains the new studies' rows)."""
+        n_studies = self.study_embedding.num_embeddings
+        device = self.output_head.weight.device
+        for block in (self.encoder, self.decoder):
+            old = block.study_shift
+            shift = nn.Embedding(n_studies, block.condition.out_features, device=device)
+            with torch.no_grad():
+                shift.weight.zero_()
+                if old is not None:
+                    shift.weight[: old.num_embeddings] = old.weight
+            block.study_shift = shift
+
     def encode(self, x: torch.Tensor, study: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.encoder(x, self.condition(study))
+        hidden = self.encoder(x, self.condition(study), study)
         return self.mean_head(hidden), self.logvar_head(hidden)
 
-    def decode(self, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """Expression (MSE) or gene proportions (NB) for latents z and study embeddings."""
-        out = self.output_head(self.decoder(z, embedding))
+    def decode(
+        self, z: torch.Tensor, embedding: torch.Tensor, study: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Expression (MSE) or gene proportions (NB) for latents z and study embeddings
+        (``study``: the rows' study codes, for the study shifts; None for a profile
+        decoded at an embedding of no study, such as a metacell's)."""
+        out = self.output_head(self.decoder(z, embedding, study))
         return F.relu(out) if self.likelihood == "mse" else F.softmax(out, dim=-1)
 
     def forward(
@@ -117,7 +151,8 @@ class ConditionalVAE(nn.Module):
         rows = slice(0, n_decoded)
         mu_d, logvar_d = mu[rows], logvar[rows]
         z = mu_d + torch.randn_like(mu_d) * torch.exp(0.5 * logvar_d) if self.training else mu_d
-        return {"mu": mu, "logvar": logvar, "decoded": self.decode(z, self.condition(study[rows]))}
+        decoded = self.decode(z, self.condition(study[rows]), study[rows])
+        return {"mu": mu, "logvar": logvar, "decoded": decoded}
 
     def loss(
         self,

@@ -127,12 +127,15 @@ class ScProtoModule(pl.LightningModule):
         return self.current_epoch < self.hparams.cvae_warmup_epochs
 
     # ---------------------------------------------------------------- loss
-    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self, batch: dict[str, torch.Tensor], *, during_fit: bool = True
+    ) -> dict[str, torch.Tensor]:
         """The loss terms of one minibatch (this rank's shard of it under DDP).
 
         SwAV and propagation see the global minibatch (every rank's anchors, gathered);
         the CVAE term is a mean over this shard's rows, which DDP's gradient averaging
-        turns into the global mean.
+        turns into the global mean. ``during_fit=False`` (query mapping, one process):
+        the paper's loss on this minibatch alone, no warm-up, nothing gathered or recorded.
         """
         hp = self.hparams
         x, study = batch["x"], batch["study"]
@@ -142,10 +145,11 @@ class ScProtoModule(pl.LightningModule):
         # L_cvae on the first cvae_views views of each anchor (view-major rows: a prefix)
         outputs = self.cvae(encoded, study, n_decoded=n_anchors * (hp.cvae_views or hp.n_views))
         local_scores = self.scores(outputs["mu"]).view(hp.n_views, -1, hp.n_prototypes)
-        scores = gather_scores(local_scores, dim=1)
+        groups = self.study_groups(study)
+        scores = gather_scores(local_scores, dim=1) if during_fit else local_scores
         terms = batch_swav_losses(
             scores,
-            gather_labels(self.study_groups(study)),
+            gather_labels(groups) if during_fit else groups,
             min_group_size=hp.min_group_size,
             temperature=hp.temperature,
             epsilon=hp.epsilon,
@@ -160,9 +164,9 @@ class ScProtoModule(pl.LightningModule):
             + hp.lambda_cvae * terms["cvae"]
             + hp.lambda_geometry * terms["geometry"]
         )
-        if self.in_cvae_warmup:
+        if during_fit and self.in_cvae_warmup:
             terms["loss"] = hp.lambda_cvae * terms["cvae"]
-        if self.training and self._collects_anchors():
+        if during_fit and self.training and self._collects_anchors():
             self._record_anchors(outputs["mu"][: local_scores.shape[1]], local_scores[0])
         terms.update(self._assignment_diagnostics(scores[0]))
         return terms

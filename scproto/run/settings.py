@@ -45,6 +45,7 @@ CHOICES = {
     "data.neighbor_weighting": ("uniform", "distance"),
     "data.hvg_flavor": ("seurat", "seurat_v3", "cell_ranger"),
     "loss.group_by": ("anchor", "majority"),
+    "query.objective": ("scproto", "cvae"),
     "optimizer.name": ("lars", "adam"),
     "optimizer.schedule": ("warmup_cosine", "constant"),
     "data.source": ("synthetic", "h5ad"),
@@ -142,7 +143,13 @@ RANGES = {
     "eval.scib.max_cells": count(1, optional=True),
     "eval.pca_components": count(1),
 }
-FLAGS = ("overwrite", "sinkhorn.hard", "model.reseed_prototypes", "data.backed")
+FLAGS = (
+    "overwrite",
+    "sinkhorn.hard",
+    "model.reseed_prototypes",
+    "data.backed",
+    "query.study_shift",
+)
 
 # Groups whose keys are free: instantiated targets, Hydra's own, file locations, and the
 # marker tasks (each key is a task the user names).

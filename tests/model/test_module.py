@@ -211,3 +211,23 @@ def test_max_steps_without_max_epochs_trains(small_adata):
     )
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
+
+
+def test_zero_study_shifts_leave_the_model_unchanged_and_unseen_studies_get_none():
+    module = make_module()
+    batch = make_batch()
+    with torch.no_grad():
+        before = module.cvae(batch["x"], batch["study"])
+        module.cvae.add_study_shifts()
+        after = module.cvae(batch["x"], batch["study"])
+        torch.testing.assert_close(after["mu"], before["mu"], rtol=0, atol=0)
+        torch.testing.assert_close(after["decoded"], before["decoded"], rtol=0, atol=0)
+        shift = module.cvae.encoder.study_shift.weight
+        shift[2] = torch.randn(shift.shape[1], generator=torch.Generator().manual_seed(1))
+        shifted = module.cvae.encode(batch["x"], batch["study"])[0]
+        unseen = torch.full_like(batch["study"], -1)
+        mean = module.cvae.mean_study_embedding().expand(len(unseen), -1)
+        no_shift = module.cvae.mean_head(module.cvae.encoder(batch["x"], mean))
+        torch.testing.assert_close(module.cvae.encode(batch["x"], unseen)[0], no_shift)
+    moved = (shifted - before["mu"]).abs().sum(dim=1) > 0
+    assert torch.equal(moved, batch["study"] == 2)  # only study 2's rows move

@@ -115,3 +115,14 @@ def test_training_with_reseeding_logs_how_many_prototypes_were_restarted(make_co
     _, objects = train(cfg)
     history = objects["trainer"].logged_metrics
     assert 0 <= float(history["train/prototypes_reseeded"]) <= 20
+
+
+def test_query_mapping_takes_the_full_loss_and_records_nothing_whatever_the_warm_up():
+    """compute_losses(during_fit=False): a mapped model's warm-up setting is history."""
+    from tests.model.test_module import make_batch, make_module
+
+    module = make_module(lambda_cvae=0.1, cvae_warmup_epochs=1, prototype_init="kmeans").train()
+    with torch.no_grad():
+        terms = module.compute_losses(make_batch(), during_fit=False)
+    torch.testing.assert_close(terms["loss"], terms["swav"] + terms["prop"] + 0.1 * terms["cvae"])
+    assert not module._anchors and module._usage.sum() == 0

@@ -10,6 +10,7 @@ to be reconstructed, not to land where the reference put the same cells.
 """
 
 import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from scproto.model.module import ScProtoModule
 from scproto.run.settings import group_defaults
 
 OBJECTIVES = ("scproto", "cvae")
+Batches = Callable[[int], Iterator[dict[str, torch.Tensor]]]  # epoch → its minibatches
 
 
 def expand_studies(
@@ -189,7 +191,16 @@ def train_new_rows(
     return losses
 
 
-def view_batches(views, x, study, counts, cells, batch_size, module, seed):
+def view_batches(
+    views: QueryViews,
+    x: sp.csr_matrix,
+    study: np.ndarray,
+    counts: sp.csr_matrix | None,
+    cells: np.ndarray,
+    batch_size: int,
+    module: ScProtoModule,
+    seed: int,
+) -> Batches:
     """Epoch → minibatches of ``module.hparams.n_views`` views of query anchors."""
     rows = ViewRows(x, study, counts, cells=cells, pca=views.pca)
     sampler = ViewBatchSampler(
@@ -208,7 +219,14 @@ def view_batches(views, x, study, counts, cells, batch_size, module, seed):
     return epoch_batches
 
 
-def cell_batches(x, study, counts, cells, batch_size, seed):
+def cell_batches(
+    x: sp.csr_matrix,
+    study: np.ndarray,
+    counts: sp.csr_matrix | None,
+    cells: np.ndarray,
+    batch_size: int,
+    seed: int,
+) -> Batches:
     """Epoch → minibatches of query cells, reshuffled each epoch."""
     rng = np.random.default_rng(seed)
 

@@ -29,7 +29,7 @@ from scproto.errors import ScProtoInputError
 from scproto.metacells import decode_prototypes, prototype_names
 from scproto.model.module import SETTING_GROUPS as MODULE_SETTING_GROUPS
 from scproto.model.module import ScProtoModule
-from scproto.query import OBJECTIVES, expand_studies, train_new_rows
+from scproto.query import check_objective, expand_studies, train_new_rows
 from scproto.registry import Registry
 from scproto.run.checkpoint import load_checkpoint, stored_settings
 from scproto.run.directory import CHECKPOINT, atomic_path
@@ -382,10 +382,7 @@ class ScProto:
         check_argument("epochs", epochs, count(0))
         check_argument("lr", lr, POSITIVE)
         check_argument("batch_size", batch_size, count(1))
-        if objective not in OBJECTIVES:
-            raise ScProtoInputError(
-                f"objective must be one of {list(OBJECTIVES)}, got {objective!r}"
-            )
+        check_objective(objective)  # before the query is prepared
         key = self.registry.batch_key
         self.study_codes(adata)  # checks the key
         studies = pd.unique(adata.obs[key].astype(str))
@@ -415,7 +412,6 @@ class ScProto:
             counts,
             cells=query,
             objective=objective,
-            study_shift=study_shift,
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,

@@ -69,6 +69,13 @@ def expand_studies(
     return module
 
 
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ScProtoInputError(
+            f"query.objective must be one of {list(OBJECTIVES)}, got {objective!r}"
+        )
+
+
 def new_row_parameters(module: ScProtoModule, study_shift: bool = False) -> list[nn.Parameter]:
     cvae = module.cvae
     parameters = [cvae.study_embedding.weight]
@@ -133,25 +140,23 @@ def train_new_rows(
     counts: sp.csr_matrix | None = None,
     *,
     objective: str = "scproto",
-    study_shift: bool = True,
     epochs: int = 100,
     lr: float = 1e-2,
     batch_size: int = 512,
     seed: int = 0,
     cells: np.ndarray | None = None,
 ) -> list[float]:
-    """Adam on the new studies' rows over the query cells; returns the epoch losses.
+    """Adam on the new studies' rows (the parameters :func:`expand_studies` left trainable)
+    over the query cells; returns the epoch losses.
 
     ``objective``: ``scproto`` (the training loss on the query cells' views, ``batch_size``
     anchors per step) or ``cvae`` (recon + kl_weight·KL, ``batch_size`` cells per step).
     ``cells``: the rows of ``x``, ``study`` and ``counts`` that are query cells (all by
     default), so an atlas's model input is not copied to take them."""
-    if objective not in OBJECTIVES:
-        raise ScProtoInputError(
-            f"query.objective must be one of {list(OBJECTIVES)}, got {objective!r}"
-        )
+    check_objective(objective)
     cells = np.arange(x.shape[0]) if cells is None else np.asarray(cells)
-    optimizer = torch.optim.Adam(new_row_parameters(module, study_shift), lr=lr)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=lr)
     torch.manual_seed(seed)  # the reparameterisation noise and dropout
     if objective == "scproto":
         views = query_views(

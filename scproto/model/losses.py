@@ -28,9 +28,16 @@ def cross_view_prediction(
     return -((cross.sum(dim=1) - own) / (n_views - 1)).mean()
 
 
-def swav_codes(scores: torch.Tensor, *, epsilon: float, n_iters: int, hard: bool):
+def swav_codes(
+    scores: torch.Tensor,
+    *,
+    epsilon: float,
+    n_iters: int,
+    hard: bool,
+    rho: float | None = None,
+):
     """The Sinkhorn codes (hard by default) of one group's rows: the swapped targets."""
-    q = sinkhorn(scores, epsilon, n_iters)
+    q = sinkhorn(scores, epsilon, n_iters, rho)
     return hard_assignments(q) if hard else q
 
 
@@ -41,6 +48,7 @@ def swapped_prediction_loss(
     epsilon: float = 0.02,
     n_iters: int = 3,
     hard: bool = True,
+    rho: float | None = None,
     assignment_views: Sequence[int] = (0, 1),
 ) -> torch.Tensor:
     """SwAV: each assignment view's codes q_a are predicted from every other view.
@@ -50,7 +58,7 @@ def swapped_prediction_loss(
     log_p = F.log_softmax(scores / temperature, dim=-1)
     codes = torch.stack(
         [
-            swav_codes(scores[a], epsilon=epsilon, n_iters=n_iters, hard=hard)
+            swav_codes(scores[a], epsilon=epsilon, n_iters=n_iters, hard=hard, rho=rho)
             for a in assignment_views
         ]
     )
@@ -173,6 +181,7 @@ def batch_swav_losses(
     epsilon: float = 0.02,
     n_iters: int = 3,
     hard: bool = True,
+    rho: float | None = None,
     assignment_views: Sequence[int] = (0, 1),
 ) -> dict[str, torch.Tensor]:
     """SwAV and propagation losses within each study, averaged with equal weight per study.
@@ -189,7 +198,13 @@ def batch_swav_losses(
     with torch.no_grad():
         for m in members:
             for i, a in enumerate(assignment_views):
-                q = swav_codes(scores[a, m], epsilon=epsilon, n_iters=n_iters, hard=hard)
+                q = swav_codes(
+                    scores[a, m],
+                    epsilon=epsilon,
+                    n_iters=n_iters,
+                    hard=hard,
+                    rho=rho,
+                )
                 codes[i, m] = q / (m.numel() * len(members))
     swav = cross_view_prediction(log_p, codes, assignment_views)
     gaps = coverage_gaps(scores)

@@ -155,6 +155,7 @@ class ScProtoModule(pl.LightningModule):
             epsilon=hp.epsilon,
             n_iters=hp.n_iters,
             hard=hp.hard,
+            rho=hp.rho,
         )
         terms |= self.cvae.loss(x, study, outputs, batch.get("counts"), kl_weight=hp.kl_weight)
         terms["geometry"] = self._geometry(outputs["mu"][:n_anchors], study[:n_anchors], batch)

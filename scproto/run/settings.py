@@ -128,6 +128,7 @@ RANGES = {
     "loss.min_group_size": count(1),
     "sinkhorn.epsilon": POSITIVE,
     "sinkhorn.n_iters": count(1),
+    "sinkhorn.rho": Bound(low=0, low_open=True, optional=True),
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": NON_NEGATIVE,
     "optimizer.momentum": Bound(low=0, high=1, high_open=True),

@@ -49,3 +49,30 @@ def test_hard_assignments_are_one_hot_argmax():
     torch.testing.assert_close(
         hard_assignments(q), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     )
+
+
+def test_unbalanced_interpolates_between_softmax_and_balanced():
+    scores = random_scores(n=200, k=8) + torch.linspace(0, 0.5, 8)
+    softmax = torch.softmax(scores / 0.05, dim=1)
+    torch.testing.assert_close(sinkhorn(scores, 0.05, 3, rho=1e-9), softmax)
+    torch.testing.assert_close(sinkhorn(scores, 0.05, 3, rho=1e9), sinkhorn(scores, 0.05, 3))
+    imbalance = [sinkhorn(scores, 0.05, 50, rho=rho).sum(dim=0).std() for rho in (0.01, 0.1, 1.0)]
+    assert softmax.sum(dim=0).std() > imbalance[0] > imbalance[1] > imbalance[2]
+    q = sinkhorn(scores, 0.05, 50, rho=0.1)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(200))
+
+
+def test_unbalanced_leaves_a_missing_population_s_prototypes_empty():
+    """Cells of two populations; prototypes 0-1 sit on them, 2-3 on a population this group
+    lacks. Balanced codes must send half the cells to 2-3; relaxed ones keep them home."""
+    generator = torch.Generator().manual_seed(0)
+    population = torch.arange(100) % 2
+    centres = torch.eye(4)
+    cells = torch.nn.functional.normalize(
+        centres[population] + 0.1 * torch.randn(100, 4, generator=generator), dim=1
+    )
+    scores = cells @ centres.T
+    balanced = hard_assignments(sinkhorn(scores, 0.05, 3)).argmax(dim=1)
+    relaxed = hard_assignments(sinkhorn(scores, 0.05, 3, rho=0.05)).argmax(dim=1)
+    assert (balanced >= 2).float().mean() > 0.3
+    assert torch.equal(relaxed, population)

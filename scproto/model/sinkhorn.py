@@ -10,7 +10,7 @@ def sinkhorn(
     n_iters: int = 3,
     rho: float | None = None,
 ) -> torch.Tensor:
-    """Balanced soft assignments Q (n × K) for scores S (n × K), each row summing to 1.
+    """Soft assignments Q (n × K) for scores S (n × K), each row summing to 1.
 
     Q = exp(S/ε) is scaled alternately so that every prototype receives 1/K of the total
     mass and every cell 1/n; after ``n_iters`` rounds the rows are rescaled to sum to 1.
@@ -30,6 +30,8 @@ def sinkhorn(
     tiny = torch.finfo(q.dtype).tiny  # a prototype far from every cell underflows to 0
     if rho is not None:
         return _unbalanced(q, rho / (rho + epsilon), n_iters, tiny) * n_cells
+    # ρ = ∞ in _unbalanced's form is the same transport, but not the same floats: this loop
+    # keeps the balanced codes (and so every trained model) bit for bit as before
     for _ in range(n_iters):
         q = q / q.sum(dim=0, keepdim=True).clamp_min(tiny) / n_prototypes
         q = q / q.sum(dim=1, keepdim=True).clamp_min(tiny) / n_cells

@@ -29,7 +29,7 @@ from scproto.errors import ScProtoInputError
 from scproto.metacells import decode_prototypes, prototype_names
 from scproto.model.module import SETTING_GROUPS as MODULE_SETTING_GROUPS
 from scproto.model.module import ScProtoModule
-from scproto.query import check_objective, expand_studies, train_new_rows
+from scproto.query import check_objective, expand_studies, mapping_targets, train_new_rows
 from scproto.registry import Registry
 from scproto.run.checkpoint import load_checkpoint, stored_settings
 from scproto.run.directory import CHECKPOINT, atomic_path
@@ -358,6 +358,7 @@ class ScProto:
         *,
         objective: str = "scproto",
         study_shift: bool = True,
+        targets: str = "all",
         x: sp.csr_matrix | None = None,
         counts: sp.csr_matrix | None = None,
     ) -> "ScProto":
@@ -374,7 +375,10 @@ class ScProto:
         of the query cells built as training built the reference's (SwAV within each new
         study over the frozen prototypes, propagation, L_cvae, L_geometry), so the query
         lands where the reference put the same cells; ``"cvae"`` is scArches' L_cvae alone.
-        Genes are matched by name.
+        ``targets``: the prototypes SwAV's codes may use, ``"all"`` or ``"populated"``
+        (only those some reference cell is nearest to: Sinkhorn then shares each new study
+        among them alone, so no query cell is sent to a prototype that stands for no
+        population). Genes are matched by name.
 
         >>> mapped = model.map_query(query_adata, epochs=100)
         >>> query_adata.obsm["X_scproto"] = mapped.get_latent(query_adata)
@@ -383,6 +387,7 @@ class ScProto:
         check_argument("lr", lr, POSITIVE)
         check_argument("batch_size", batch_size, count(1))
         check_objective(objective)  # before the query is prepared
+        target_prototypes = mapping_targets(self.module, targets)
         key = self.registry.batch_key
         self.study_codes(adata)  # checks the key
         studies = pd.unique(adata.obs[key].astype(str))
@@ -416,6 +421,7 @@ class ScProto:
             lr=lr,
             batch_size=batch_size,
             seed=seed,
+            targets=target_prototypes,
         )
         return mapped
 

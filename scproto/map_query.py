@@ -46,6 +46,7 @@ def map_file(cfg: DictConfig) -> Path:
         seed=cfg.seed,
         objective=cfg.objective,
         study_shift=cfg.study_shift,
+        targets=cfg.targets,
     )
     x = mapped.model_input(adata)
     latent = mapped.latent_of(x, mapped.study_codes(adata))

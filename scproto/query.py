@@ -10,6 +10,7 @@ to be reconstructed, not to land where the reference put the same cells.
 """
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from scproto.model.module import ScProtoModule
 from scproto.run.settings import group_defaults
 
 OBJECTIVES = ("scproto", "cvae")
+TARGETS = ("populated", "all")
 Batches = Callable[[int], Iterator[dict[str, torch.Tensor]]]  # epoch → its minibatches
 
 
@@ -74,6 +76,26 @@ def check_objective(objective: str) -> None:
         raise ScProtoInputError(
             f"query.objective must be one of {list(OBJECTIVES)}, got {objective!r}"
         )
+
+
+def mapping_targets(module: ScProtoModule, choice: str) -> np.ndarray | None:
+    """Indices of the prototypes the query's SwAV codes may use: ``populated``, those some
+    reference cell is nearest to (a prototype no reference cell took stands for no
+    population, yet a balanced Sinkhorn would fill it with query cells); ``all`` (None):
+    every prototype."""
+    if choice not in TARGETS:
+        raise ScProtoInputError(f"query.targets must be one of {list(TARGETS)}, got {choice!r}")
+    if choice == "all":
+        return None
+    sizes = module.registry.prototype_sizes if module.registry else None
+    if sizes is None:
+        warnings.warn(
+            "this model was saved without its prototypes' reference sizes (by an earlier scproto): "
+            "the query's codes may use every prototype, as with query.targets=all",
+            stacklevel=3,
+        )
+        return None
+    return np.flatnonzero(np.asarray(sizes) > 0)
 
 
 def new_row_parameters(module: ScProtoModule, study_shift: bool = False) -> list[nn.Parameter]:
@@ -145,6 +167,7 @@ def train_new_rows(
     batch_size: int = 512,
     seed: int = 0,
     cells: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
 ) -> list[float]:
     """Adam on the new studies' rows (the parameters :func:`expand_studies` left trainable)
     over the query cells; returns the epoch losses.
@@ -152,7 +175,8 @@ def train_new_rows(
     ``objective``: ``scproto`` (the training loss on the query cells' views, ``batch_size``
     anchors per step) or ``cvae`` (recon + kl_weight·KL, ``batch_size`` cells per step).
     ``cells``: the rows of ``x``, ``study`` and ``counts`` that are query cells (all by
-    default), so an atlas's model input is not copied to take them."""
+    default), so an atlas's model input is not copied to take them. ``targets``: the
+    prototypes the SwAV codes may use (:func:`mapping_targets`; None: all)."""
     check_objective(objective)
     cells = np.arange(x.shape[0]) if cells is None else np.asarray(cells)
     trainable = [p for p in module.parameters() if p.requires_grad]
@@ -168,6 +192,8 @@ def train_new_rows(
             seed=seed,
         )
         batches = view_batches(views, x, study, counts, cells, batch_size, module, seed)
+        if targets is not None:
+            targets = torch.as_tensor(targets, device=module.device)
     else:
         batches = cell_batches(x, study, counts, cells, batch_size, seed)
     losses = []
@@ -177,7 +203,7 @@ def train_new_rows(
         for batch in batches(epoch):
             batch = {k: v.to(module.device) for k, v in batch.items()}
             if objective == "scproto":
-                loss = module.compute_losses(batch, during_fit=False)["loss"]
+                loss = module.compute_losses(batch, during_fit=False, targets=targets)["loss"]
             else:
                 outputs = module.cvae(batch["x"], batch["study"])
                 loss = module.cvae.loss(

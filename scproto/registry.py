@@ -26,6 +26,8 @@ class Registry:
     # Read only: models saved before prototype_points decode the prototype at this norm.
     prototype_norms: list[float] | None = None
     prototype_points: list[list[float]] | None = None  # where each prototype is decoded
+    # reference cells whose nearest prototype each is; query mapping uses the populated ones
+    prototype_sizes: list[int] | None = None
     prototype_labels: list[str | None] | None = None  # the label label transfer uses
     prototype_label_confidence: list[float] | None = None
     label_categories: list[str] | None = None  # the training labels' categories

@@ -129,6 +129,18 @@ def reference_labels(datamodule: ScProtoDataModule) -> np.ndarray | None:
     return datamodule.adata.obs[datamodule.label_key].to_numpy()[datamodule.is_reference]
 
 
+def store_prototype_sizes(model: ScProto, datamodule: ScProtoDataModule) -> None:
+    """How many reference cells take each prototype as their nearest, into the registry,
+    where query mapping reads which prototypes stand for a population."""
+    reference = np.flatnonzero(datamodule.is_reference)
+    latent = model.latent_of(
+        datamodule.x[reference], model.study_codes(datamodule.adata)[reference]
+    )
+    prototype, _ = model.prototype_similarity(latent)
+    n_prototypes = model.module.hparams.n_prototypes
+    model.registry.prototype_sizes = np.bincount(prototype, minlength=n_prototypes).tolist()
+
+
 def describe_prototypes(
     model: ScProto, datamodule: ScProtoDataModule, cfg: DictConfig
 ) -> tuple[np.ndarray, np.ndarray | None, ad.AnnData]:
@@ -155,6 +167,7 @@ def describe_prototypes(
         study_names=datamodule.studies,
     )
     model.registry.prototype_points = table.obsm["decoding_point"].tolist()
+    model.registry.prototype_sizes = table.obs["n_cells"].astype(int).tolist()
     if labels is not None:
         # The cells a prototype is nearest to speak for the cells it will label; an empty
         # prototype falls back to the label of its 10 most similar cells.
@@ -268,6 +281,7 @@ def fit_and_write(
 
     model = reference_model = ScProto(module)
     if datamodule.query_studies:
+        store_prototype_sizes(model, datamodule)  # the prototypes the query maps onto
         start = time.perf_counter()
         model = model.map_query(
             datamodule.adata, seed=cfg.seed, x=datamodule.x, counts=datamodule.counts, **cfg.query

@@ -1,5 +1,7 @@
 """scArches surgery: only the new studies' rows move; genes are matched by name."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +83,48 @@ def test_the_training_objective_brings_the_query_to_its_reference_types(
     cvae = query_offset(reference_model.map_query(query, epochs=30, objective="cvae"), small_adata)
     scproto = query_offset(reference_model.map_query(query, epochs=30), small_adata)
     assert scproto < 0.8 * min(unmapped, cvae), (unmapped, cvae, scproto)
+
+
+def test_the_registry_counts_the_reference_cells_of_each_prototype(reference_model, small_adata):
+    reference = small_adata[small_adata.obs["study"] != "study_3"].copy()
+    prototype, _ = reference_model.assign_prototypes(reference)
+    sizes = reference_model.registry.prototype_sizes
+    assert sizes == np.bincount(prototype, minlength=len(sizes)).tolist()
+
+
+def with_sizes(model: ScProto, sizes: list[int]) -> ScProto:
+    copied = ScProto(copy.deepcopy(model.module))
+    copied.registry.prototype_sizes = sizes
+    return copied
+
+
+def test_populated_targets_leave_out_exactly_the_empty_prototypes(reference_model, query):
+    """(The codes' restriction itself is tested in tests/model/test_losses.py.) With every
+    prototype populated, ``populated`` maps as ``all``; with one counted empty, it does not."""
+    n_prototypes = reference_model.module.hparams.n_prototypes
+    full = with_sizes(reference_model, [1] * n_prototypes)
+    emptied = with_sizes(reference_model, [0, *[1] * (n_prototypes - 1)])
+    latent = {
+        name: model.map_query(query, epochs=3, targets=targets).get_latent(query)
+        for name, model, targets in [
+            ("all", full, "all"),
+            ("populated", full, "populated"),
+            ("one empty", emptied, "populated"),
+        ]
+    }
+    np.testing.assert_allclose(latent["populated"], latent["all"], atol=1e-5)
+    assert np.abs(latent["one empty"] - latent["all"]).max() > 1e-4
+
+
+def test_a_model_without_prototype_sizes_targets_all_with_a_warning(reference_model, query):
+    old = ScProto(copy.deepcopy(reference_model.module))
+    old.registry.prototype_sizes = None
+    with pytest.warns(UserWarning, match="may use every prototype"):
+        mapped = old.map_query(query, epochs=2, targets="populated")
+    expected = reference_model.map_query(query, epochs=2, targets="all")
+    np.testing.assert_allclose(mapped.get_latent(query), expected.get_latent(query), atol=1e-6)
+    with pytest.raises(ScProtoInputError, match=r"query\.targets must be one of"):
+        reference_model.map_query(query, epochs=1, targets="used")
 
 
 def test_an_unknown_objective_is_refused(reference_model, query):

@@ -35,8 +35,16 @@ def swav_codes(
     n_iters: int,
     hard: bool,
     rho: float | None = None,
+    targets: torch.Tensor | None = None,
 ):
-    """The Sinkhorn codes (hard by default) of one group's rows: the swapped targets."""
+    """The Sinkhorn codes (hard by default) of one group's rows: the swapped targets.
+
+    ``targets``: indices of the prototypes the codes may use; Sinkhorn shares the rows
+    among those columns alone and the others get zero. All K by default.
+    """
+    if targets is not None:
+        q = swav_codes(scores[:, targets], epsilon=epsilon, n_iters=n_iters, hard=hard, rho=rho)
+        return scores.new_zeros(scores.shape).index_copy_(1, targets, q.to(scores.dtype))
     q = sinkhorn(scores, epsilon, n_iters, rho)
     return hard_assignments(q) if hard else q
 
@@ -183,6 +191,7 @@ def batch_swav_losses(
     hard: bool = True,
     rho: float | None = None,
     assignment_views: Sequence[int] = (0, 1),
+    targets: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """SwAV and propagation losses within each study, averaged with equal weight per study.
 
@@ -190,7 +199,9 @@ def batch_swav_losses(
     has no cross-sample coupling, so slicing it by group equals one pass per group. Only
     Sinkhorn (no gradient) runs per group: its codes, weighted 1/(|g|·G) for an anchor of
     group g among G groups, make the equal-weight mean of the per-group SwAV losses one
-    contraction over the whole minibatch.
+    contraction over the whole minibatch. ``targets`` (see :func:`swav_codes`) narrows
+    the codes only: the predictions still span all K prototypes, so rows are also pushed
+    away from the prototypes they may not target.
     """
     members = group_rows(groups, min_group_size)
     log_p = F.log_softmax(scores / temperature, dim=-1)  # per row: the same within any group
@@ -204,6 +215,7 @@ def batch_swav_losses(
                     n_iters=n_iters,
                     hard=hard,
                     rho=rho,
+                    targets=targets,
                 )
                 codes[i, m] = q / (m.numel() * len(members))
     swav = cross_view_prediction(log_p, codes, assignment_views)

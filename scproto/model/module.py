@@ -128,7 +128,11 @@ class ScProtoModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- loss
     def compute_losses(
-        self, batch: dict[str, torch.Tensor], *, during_fit: bool = True
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        during_fit: bool = True,
+        targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss terms of one minibatch (this rank's shard of it under DDP).
 
@@ -136,6 +140,8 @@ class ScProtoModule(pl.LightningModule):
         the CVAE term is a mean over this shard's rows, which DDP's gradient averaging
         turns into the global mean. ``during_fit=False`` (query mapping, one process):
         the paper's loss on this minibatch alone, no warm-up, nothing gathered or recorded.
+        ``targets``: indices of the prototypes SwAV's codes may use (query mapping: those
+        the reference populates); all K by default.
         """
         hp = self.hparams
         x, study = batch["x"], batch["study"]
@@ -156,6 +162,7 @@ class ScProtoModule(pl.LightningModule):
             n_iters=hp.n_iters,
             hard=hp.hard,
             rho=hp.rho,
+            targets=targets,
         )
         terms |= self.cvae.loss(x, study, outputs, batch.get("counts"), kl_weight=hp.kl_weight)
         terms["geometry"] = self._geometry(outputs["mu"][:n_anchors], study[:n_anchors], batch)

@@ -46,6 +46,7 @@ CHOICES = {
     "data.hvg_flavor": ("seurat", "seurat_v3", "cell_ranger"),
     "loss.group_by": ("anchor", "majority"),
     "query.objective": ("scproto", "cvae"),
+    "query.targets": ("populated", "all"),
     "optimizer.name": ("lars", "adam"),
     "optimizer.schedule": ("warmup_cosine", "constant"),
     "data.source": ("synthetic", "h5ad"),

@@ -12,6 +12,7 @@ from scproto.model.losses import (
     negative_binomial_nll,
     propagation_loss,
     swapped_prediction_loss,
+    swav_codes,
 )
 
 
@@ -137,6 +138,34 @@ def test_batch_swav_gradient_is_that_of_the_per_group_losses(hard):
         grads.append(leaf.grad)
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0][:, 22:25].abs().sum() == 0  # dropped anchors get no gradient
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_codes_restricted_to_targets_are_sinkhorn_over_those_columns(hard):
+    torch.manual_seed(4)
+    scores = torch.nn.functional.normalize(torch.randn(60, 8), dim=-1)
+    targets, others = torch.tensor([1, 3, 4, 6]), torch.tensor([0, 2, 5, 7])
+    settings = {"epsilon": 0.05, "n_iters": 3, "hard": hard}
+    q = swav_codes(scores, targets=targets, **settings)
+    assert q[:, others].abs().sum() == 0
+    torch.testing.assert_close(q[:, targets], swav_codes(scores[:, targets], **settings))
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(60))
+    every = swav_codes(scores, targets=torch.arange(8), **settings)
+    torch.testing.assert_close(every, swav_codes(scores, **settings))
+
+
+def test_prototypes_outside_the_targets_are_only_pushed_away():
+    # The predictions still span all K: descent lowers every row's score to a prototype
+    # its codes may not use, and no code points there.
+    torch.manual_seed(5)
+    leaf = torch.randn(3, 40, 6).requires_grad_()
+    scores = torch.nn.functional.normalize(leaf, dim=-1)
+    scores.retain_grad()
+    terms = batch_swav_losses(
+        scores, torch.zeros(40, dtype=torch.long), targets=torch.tensor([0, 1, 2])
+    )
+    terms["swav"].backward()
+    assert (scores.grad[..., 3:] > 0).all()
 
 
 def test_pairwise_distances_match_torch_pdist_and_stay_finite_on_duplicates():

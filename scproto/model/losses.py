@@ -5,7 +5,7 @@ Notation: V views per anchor cell, B anchors, K prototypes. ``scores`` has shape
 representation of a view row and each unit-norm prototype.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +36,30 @@ def swav_codes(
     hard: bool,
     rho: float | None = None,
     targets: torch.Tensor | None = None,
+    queued: torch.Tensor | None = None,
 ):
     """The Sinkhorn codes (hard by default) of one group's rows: the swapped targets.
 
     ``targets``: indices of the prototypes the codes may use; Sinkhorn shares the rows
     among those columns alone and the others get zero. All K by default.
+    ``queued``: score rows of the group's earlier cells (SwAV's queue), transported with
+    these rows so that the equal share per prototype holds over more cells than K; only
+    these rows' codes are returned.
     """
     if targets is not None:
-        q = swav_codes(scores[:, targets], epsilon=epsilon, n_iters=n_iters, hard=hard, rho=rho)
+        q = swav_codes(
+            scores[:, targets],
+            epsilon=epsilon,
+            n_iters=n_iters,
+            hard=hard,
+            rho=rho,
+            queued=None if queued is None else queued[:, targets],
+        )
         return scores.new_zeros(scores.shape).index_copy_(1, targets, q.to(scores.dtype))
-    q = sinkhorn(scores, epsilon, n_iters, rho)
+    rows = scores.shape[0]
+    if queued is not None:
+        scores = torch.cat([scores, queued.to(scores.dtype)])
+    q = sinkhorn(scores, epsilon, n_iters, rho)[:rows]
     return hard_assignments(q) if hard else q
 
 
@@ -192,6 +206,7 @@ def batch_swav_losses(
     rho: float | None = None,
     assignment_views: Sequence[int] = (0, 1),
     targets: torch.Tensor | None = None,
+    queue: Mapping[int, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """SwAV and propagation losses within each study, averaged with equal weight per study.
 
@@ -201,13 +216,19 @@ def batch_swav_losses(
     group g among G groups, make the equal-weight mean of the per-group SwAV losses one
     contraction over the whole minibatch. ``targets`` (see :func:`swav_codes`) narrows
     the codes only: the predictions still span all K prototypes, so rows are also pushed
-    away from the prototypes they may not target.
+    away from the prototypes they may not target. ``queue``: study → score rows of its
+    earlier anchors, joined to the Sinkhorn of a group made of that study alone.
     """
     members = group_rows(groups, min_group_size)
     log_p = F.log_softmax(scores / temperature, dim=-1)  # per row: the same within any group
     codes = scores.new_zeros(len(assignment_views), *scores.shape[1:])
     with torch.no_grad():
         for m in members:
+            labels = groups[m]
+            study = int(labels[0])
+            queued = None
+            if queue and study in queue and bool((labels == study).all()):
+                queued = queue[study]
             for i, a in enumerate(assignment_views):
                 q = swav_codes(
                     scores[a, m],
@@ -216,6 +237,7 @@ def batch_swav_losses(
                     hard=hard,
                     rho=rho,
                     targets=targets,
+                    queued=queued,
                 )
                 codes[i, m] = q / (m.numel() * len(members))
     swav = cross_view_prediction(log_p, codes, assignment_views)

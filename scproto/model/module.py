@@ -101,6 +101,9 @@ class ScProtoModule(pl.LightningModule):
         # took each prototype as their nearest: for k-means and re-seeding at the epoch's end
         self._anchors: list[torch.Tensor] = []
         self._usage = torch.zeros(n_prototypes, dtype=torch.long)
+        # SwAV's queue (queue_size > 0): each study's latest anchors' normalised μ, whose
+        # scores join that study's Sinkhorn; not checkpointed (a resumed run refills it)
+        self._queue: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- representation
     def normalize_prototypes(self) -> None:
@@ -153,9 +156,11 @@ class ScProtoModule(pl.LightningModule):
         local_scores = self.scores(outputs["mu"]).view(hp.n_views, -1, hp.n_prototypes)
         groups = self.study_groups(study)
         scores = gather_scores(local_scores, dim=1) if during_fit else local_scores
+        all_groups = gather_labels(groups) if during_fit else groups
+        uses_queue = during_fit and self.training and hp.queue_size > 0
         terms = batch_swav_losses(
             scores,
-            gather_labels(groups) if during_fit else groups,
+            all_groups,
             min_group_size=hp.min_group_size,
             temperature=hp.temperature,
             epsilon=hp.epsilon,
@@ -163,7 +168,10 @@ class ScProtoModule(pl.LightningModule):
             hard=hp.hard,
             rho=hp.rho,
             targets=targets,
+            queue=self._queued_scores() if uses_queue else None,
         )
+        if uses_queue and not self.in_cvae_warmup:
+            self._enqueue(gather_scores(outputs["mu"][:n_anchors].detach(), dim=0), all_groups)
         terms |= self.cvae.loss(x, study, outputs, batch.get("counts"), kl_weight=hp.kl_weight)
         terms["geometry"] = self._geometry(outputs["mu"][:n_anchors], study[:n_anchors], batch)
         terms["loss"] = (
@@ -193,6 +201,19 @@ class ScProtoModule(pl.LightningModule):
                 "to train without them."
             )
         return geometry_loss(mu, batch["pca"][: mu.shape[0]], study, self.hparams.min_group_size)
+
+    @torch.no_grad()
+    def _queued_scores(self) -> dict[int, torch.Tensor]:
+        """Each study's queued μ scored against the prototypes as they are now."""
+        return {study: self.scores(mu) for study, mu in self._queue.items()}
+
+    @torch.no_grad()
+    def _enqueue(self, mu: torch.Tensor, groups: torch.Tensor) -> None:
+        """Keep each study's latest ``queue_size`` anchors (newest first)."""
+        for study in torch.unique(groups).tolist():
+            rows = F.normalize(mu[groups == study], dim=1)
+            kept = self._queue.get(study, rows[:0])
+            self._queue[study] = torch.cat([rows, kept])[: self.hparams.queue_size]
 
     def _collects_anchors(self) -> bool:
         hp = self.hparams

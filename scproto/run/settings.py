@@ -130,6 +130,7 @@ RANGES = {
     "sinkhorn.epsilon": POSITIVE,
     "sinkhorn.n_iters": count(1),
     "sinkhorn.rho": Bound(low=0, low_open=True, optional=True),
+    "sinkhorn.queue_size": count(0),
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": NON_NEGATIVE,
     "optimizer.momentum": Bound(low=0, high=1, high_open=True),

@@ -168,6 +168,31 @@ def test_prototypes_outside_the_targets_are_only_pushed_away():
     assert (scores.grad[..., 3:] > 0).all()
 
 
+@pytest.mark.parametrize("hard", [True, False])
+def test_queued_rows_share_the_transport_and_only_the_groups_codes_return(hard):
+    torch.manual_seed(6)
+    scores = torch.nn.functional.normalize(torch.randn(10, 20), dim=-1)  # fewer rows than K
+    queued = torch.nn.functional.normalize(torch.randn(200, 20), dim=-1)
+    settings = {"epsilon": 0.05, "n_iters": 3, "hard": False}
+    q = swav_codes(scores, queued=queued, **settings)
+    torch.testing.assert_close(q, swav_codes(torch.cat([scores, queued]), **settings)[:10])
+    hard_q = swav_codes(scores, queued=queued, **{**settings, "hard": hard})
+    assert hard_q.shape == (10, 20)
+    assert not torch.allclose(q, swav_codes(scores, **settings))
+
+
+def test_a_study_queue_joins_only_a_group_of_that_study():
+    torch.manual_seed(7)
+    scores = torch.nn.functional.normalize(torch.randn(2, 40, 30), dim=-1)
+    groups = torch.tensor([0] * 20 + [1] * 20)
+    queued = torch.nn.functional.normalize(torch.randn(100, 30), dim=-1)
+    plain = batch_swav_losses(scores, groups, min_group_size=5)["swav"]
+    elsewhere = batch_swav_losses(scores, groups, min_group_size=5, queue={5: queued})["swav"]
+    own = batch_swav_losses(scores, groups, min_group_size=5, queue={1: queued})["swav"]
+    torch.testing.assert_close(elsewhere, plain)
+    assert not torch.isclose(own, plain)
+
+
 def test_pairwise_distances_match_torch_pdist_and_stay_finite_on_duplicates():
     x = torch.randn(7, 3, dtype=torch.float64)
     torch.testing.assert_close(losses.pairwise_distances(x), torch.pdist(x))

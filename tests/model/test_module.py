@@ -53,6 +53,21 @@ def test_total_loss_combines_terms_with_their_weights():
     torch.testing.assert_close(t["loss"], t["swav"] + 3.0 * t["prop"] + 0.1 * t["cvae"])
 
 
+def test_the_queue_keeps_each_studys_latest_anchors_and_joins_the_next_sinkhorn():
+    module = make_module(queue_size=30).train()
+    with torch.no_grad():
+        module.compute_losses(make_batch(0))
+        assert {s: len(q) for s, q in module._queue.items()} == {0: 20, 1: 16, 2: 12}
+        second = make_batch(1)
+        with_queue = module.compute_losses(second)["swav"]
+        assert {s: len(q) for s, q in module._queue.items()} == {0: 30, 1: 30, 2: 24}
+        mu, _ = module.cvae.encode(second["x"][:N_ANCHORS], second["study"][:N_ANCHORS])
+        newest = torch.nn.functional.normalize(mu[:20], dim=1)
+        torch.testing.assert_close(module._queue[0][:20], newest)  # newest first
+        without = make_module(queue_size=0).train().compute_losses(second)["swav"]
+    assert not torch.isclose(with_queue, without)
+
+
 def test_geometry_term_compares_the_anchors_mu_with_their_pca_within_studies():
     batch = make_batch()
     batch["pca"] = torch.randn(N_VIEWS * N_ANCHORS, 5, generator=torch.Generator().manual_seed(3))

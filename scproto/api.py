@@ -29,13 +29,13 @@ from scproto.errors import ScProtoInputError
 from scproto.metacells import decode_prototypes, prototype_names
 from scproto.model.module import SETTING_GROUPS as MODULE_SETTING_GROUPS
 from scproto.model.module import ScProtoModule
-from scproto.query import check_objective, expand_studies, mapping_targets, train_new_rows
+from scproto.query import expand_studies, mapping_targets, train_new_rows
 from scproto.registry import Registry
 from scproto.run.checkpoint import load_checkpoint, stored_settings
 from scproto.run.directory import CHECKPOINT, atomic_path
 from scproto.run.hydra import compose_config
 from scproto.run.quiet import quiet_third_party
-from scproto.run.settings import POSITIVE, check_argument, count
+from scproto.run.settings import POSITIVE, check_argument, check_choice, count
 
 MODEL_FILE = "model.ckpt"  # what save() writes into a directory
 SETUP_KEY = "_scproto"  # adata.uns entry written by setup_anndata
@@ -386,7 +386,7 @@ class ScProto:
         check_argument("epochs", epochs, count(0))
         check_argument("lr", lr, POSITIVE)
         check_argument("batch_size", batch_size, count(1))
-        check_objective(objective)  # before the query is prepared
+        check_choice("query.objective", objective)  # before the query is prepared
         target_prototypes = mapping_targets(self.module, targets)
         key = self.registry.batch_key
         self.study_codes(adata)  # checks the key

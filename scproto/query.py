@@ -23,12 +23,9 @@ from tqdm.auto import trange
 
 from scproto.data import graph, knn
 from scproto.data.views import ViewBatchSampler, ViewRows, dense_rows, neighbor_probabilities
-from scproto.errors import ScProtoInputError
 from scproto.model.module import ScProtoModule
-from scproto.run.settings import group_defaults
+from scproto.run.settings import check_choice, group_defaults
 
-OBJECTIVES = ("scproto", "cvae")
-TARGETS = ("populated", "all")
 Batches = Callable[[int], Iterator[dict[str, torch.Tensor]]]  # epoch → its minibatches
 
 
@@ -71,20 +68,12 @@ def expand_studies(
     return module
 
 
-def check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ScProtoInputError(
-            f"query.objective must be one of {list(OBJECTIVES)}, got {objective!r}"
-        )
-
-
 def mapping_targets(module: ScProtoModule, choice: str) -> np.ndarray | None:
     """Indices of the prototypes the query's SwAV codes may use: ``populated``, those some
     reference cell is nearest to (a prototype no reference cell took stands for no
     population, yet a balanced Sinkhorn would fill it with query cells); ``all`` (None):
     every prototype."""
-    if choice not in TARGETS:
-        raise ScProtoInputError(f"query.targets must be one of {list(TARGETS)}, got {choice!r}")
+    check_choice("query.targets", choice)
     if choice == "all":
         return None
     sizes = module.registry.prototype_sizes if module.registry else None
@@ -177,7 +166,7 @@ def train_new_rows(
     ``cells``: the rows of ``x``, ``study`` and ``counts`` that are query cells (all by
     default), so an atlas's model input is not copied to take them. ``targets``: the
     prototypes the SwAV codes may use (:func:`mapping_targets`; None: all)."""
-    check_objective(objective)
+    check_choice("query.objective", objective)
     cells = np.arange(x.shape[0]) if cells is None else np.asarray(cells)
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr)

@@ -194,6 +194,15 @@ def group_rows(groups: torch.Tensor, min_group_size: int) -> list[torch.Tensor]:
     return kept or [torch.arange(groups.numel(), device=groups.device)]
 
 
+def single_study_queue(
+    queue: Mapping[int, torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor | None:
+    """The queued rows of the group's study, if the group is one study that has some (a
+    pooled remainder group of several studies has none)."""
+    study = int(labels[0])
+    return queue.get(study) if bool((labels == study).all()) else None
+
+
 def batch_swav_losses(
     scores: torch.Tensor,
     groups: torch.Tensor,
@@ -224,11 +233,7 @@ def batch_swav_losses(
     codes = scores.new_zeros(len(assignment_views), *scores.shape[1:])
     with torch.no_grad():
         for m in members:
-            labels = groups[m]
-            study = int(labels[0])
-            queued = None
-            if queue and study in queue and bool((labels == study).all()):
-                queued = queue[study]
+            queued = single_study_queue(queue, groups[m]) if queue else None
             for i, a in enumerate(assignment_views):
                 q = swav_codes(
                     scores[a, m],

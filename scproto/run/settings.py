@@ -274,6 +274,13 @@ def trainer_keys() -> frozenset[str]:
     return frozenset({"trainer._target_", *(f"trainer.{a}" for a in arguments if a != "self")})
 
 
+def check_choice(key: str, value: str) -> None:
+    """The Python API's counterpart of the settings check for a key of ``CHOICES``."""
+    allowed = CHOICES[key]
+    if value not in allowed:
+        raise ScProtoInputError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
 def check_argument(name: str, value, bound: Bound) -> None:
     """The Python API's counterpart of the settings check, for one keyword argument."""
     if not bound.admits(value):

@@ -128,6 +128,9 @@ def query_views(
         kind=kind,
         seed=seed,
         pca_max_cells=settings["pca_max_cells"],
+        groups=study[cells],
+        mnn_neighbors=settings["mnn_neighbors"],
+        mnn_slots=settings["mnn_slots"],
     )
     pca = None
     if with_geometry:

@@ -199,3 +199,31 @@ def test_map_query_command_writes_its_own_embedding(reference_model, query, tmp_
     mapped = ScProto.load(run / "checkpoints" / "mapped.ckpt")
     assert mapped.studies[-1] == "new_study"
     np.testing.assert_array_equal(mapped.get_latent(renamed), embedding.obsm["X_scproto"])
+
+
+def test_query_views_take_partners_across_the_new_studies_as_training_did():
+    """The model's view settings hold data.mnn_neighbors: two new studies get partner
+    columns from each other; the defaults of an older model's registry add none."""
+    import scipy.sparse as sp
+
+    from scproto.query import query_views
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 4, size=(3, 40))
+    kinds = np.tile(np.repeat(np.arange(3), 30), 2)
+    study = np.repeat([5, 6], 90)  # the model's codes of two new studies
+    x = sp.csr_matrix(
+        (centres[kinds] + rng.normal(size=(180, 40)) + 2.0 * (study == 6)[:, None]).astype(
+            np.float32
+        )
+    )
+    cells = np.arange(180)
+    settings = {"n_pcs": 10, "n_neighbors": 8, "mnn_neighbors": 10, "mnn_slots": 3}
+    views = query_views(x, cells, study, settings, with_geometry=False)
+    assert views.neighbors.shape == (180, 11)
+    partners = views.neighbors[:, 8:]
+    has = (study[partners] != study[:, None]).all(axis=1)
+    assert has.mean() > 0.5
+    assert (kinds[partners[has]] == kinds[has][:, None]).all()
+    older = query_views(x, cells, study, {"n_pcs": 10, "n_neighbors": 8}, with_geometry=False)
+    assert older.neighbors.shape == (180, 8)

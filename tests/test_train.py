@@ -240,6 +240,29 @@ def test_the_paper_loss_makes_no_per_study_pca(make_config, small_adata):
     assert paper.geometry_pcs == 0 and default.geometry_pcs == 10
 
 
+def test_mnn_partners_join_each_cells_views_and_the_registry(make_config, small_adata):
+    """data.mnn_neighbors widens every reference cell's neighbour list by data.mnn_slots
+    columns, mostly cells of other studies; query mapping reads the same settings."""
+    from scproto.train import build_datamodule
+
+    settings = ("data=h5ad", "data.batch_key=study", "data.n_top_genes=200")
+    plain = build_datamodule(make_config(*settings), small_adata, inplace=False)
+    wider = build_datamodule(
+        make_config(*settings, "data.mnn_neighbors=5", "data.mnn_slots=3"),
+        small_adata,
+        inplace=False,
+    )
+    plain.setup(), wider.setup()
+    assert plain.neighbors.shape[1] == 15 and wider.neighbors.shape[1] == 18
+    np.testing.assert_array_equal(wider.neighbors[:, :15], plain.neighbors)
+    studies = wider.study_codes[wider.train_index]
+    partners = wider.neighbors[:, 15:]
+    assert (studies[partners] != studies[:, None]).all(axis=1).mean() > 0.5
+    assert (studies[plain.neighbors] == studies[:, None]).mean() > 0.9  # the study effect
+    assert wider.registry.view_settings["mnn_neighbors"] == 5
+    assert wider.registry.view_settings["mnn_slots"] == 3
+
+
 def test_the_paper_setting_is_one_override_away():
     """The defaults depart from the paper in two places (L_geometry, 15 neighbours);
     experiment=immune_scib restores both, as composed for `python train.py` (no test

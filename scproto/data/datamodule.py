@@ -67,6 +67,8 @@ class ScProtoDataModule(pl.LightningDataModule):
         geometry_pcs: int = 10,
         geometry_smoothing: int = 0,
         n_neighbors: int = 15,
+        mnn_neighbors: int = 0,
+        mnn_slots: int = 5,
         pca_max_cells: int | None = PCA_MAX_CELLS,
         knn_index: str = "auto",
         knn_approximate_above: int | None = 200_000,
@@ -129,6 +131,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.n_top_genes, self.hvg_flavor, self.target_sum = n_top_genes, hvg_flavor, target_sum
         self.hvg_max_cells = hvg_max_cells
         self.n_pcs, self.n_neighbors = n_pcs, n_neighbors
+        self.mnn_neighbors, self.mnn_slots = mnn_neighbors, mnn_slots
         self.geometry_pcs, self.geometry_smoothing = geometry_pcs, geometry_smoothing
         self.pca_max_cells = pca_max_cells
         self.knn_index = knn_index
@@ -343,6 +346,8 @@ class ScProtoDataModule(pl.LightningDataModule):
             "pca": "randomized-v2",
             "pca_max_cells": self.pca_max_cells,
         }
+        if self.mnn_neighbors:  # keys only when on: the graphs cached before stay valid
+            settings |= {"mnn_neighbors": self.mnn_neighbors, "mnn_slots": self.mnn_slots}
         key = knn.data_fingerprint(x, rows, settings) if self.cache_dir else None
         cached = knn.load_cached(self.cache_dir, key)
         if cached is not None:
@@ -360,6 +365,9 @@ class ScProtoDataModule(pl.LightningDataModule):
                 nprobe=self.knn_nprobe,
                 min_recall=self.knn_min_recall,
                 pca_max_cells=self.pca_max_cells,
+                groups=self.study_codes[rows],
+                mnn_neighbors=self.mnn_neighbors,
+                mnn_slots=self.mnn_slots,
             )
         if kind != "exact":
             log.info(
@@ -402,6 +410,8 @@ class ScProtoDataModule(pl.LightningDataModule):
             view_settings={  # query mapping builds the query cells' views the same way
                 "n_pcs": self.n_pcs,
                 "n_neighbors": self.n_neighbors,
+                "mnn_neighbors": self.mnn_neighbors,
+                "mnn_slots": self.mnn_slots,
                 "neighbor_weighting": self.neighbor_weighting,
                 "geometry_pcs": self.geometry_pcs,
                 "geometry_smoothing": self.geometry_smoothing,

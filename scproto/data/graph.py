@@ -20,19 +20,36 @@ def pca_neighbors(
     nprobe: int = 16,
     min_recall: float = 0.95,
     pca_max_cells: int | None = PCA_MAX_CELLS,
+    groups: np.ndarray | None = None,
+    mnn_neighbors: int = 0,
+    mnn_slots: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """The ``n_neighbors`` nearest rows (positions within ``rows``) of each of ``x[rows]``
     on its top ``n_pcs`` components, their squared distances and the search's recall.
 
     Fewer rows than ``n_neighbors`` + 1 take every other row; a single row is its own
     neighbour (its views are copies of it).
+
+    ``mnn_neighbors`` = k (with ``groups``, each row's study): the list gains ``mnn_slots``
+    columns drawn from the row's mutual nearest neighbours in other studies
+    (:func:`knn.mutual_neighbors`). A study effect puts a cell's PCA neighbours in its
+    own study; these cross-study views give SwAV pairs of the same population across
+    studies to agree on, beside the per-study balance of its codes.
     """
     rows = np.asarray(rows)
     if len(rows) < 2:
         return np.zeros((len(rows), 1), np.int64), np.zeros((len(rows), 1), np.float32), 1.0
     coordinates = randomized_pca(x, n_pcs, seed=seed, rows=rows, max_fit_cells=pca_max_cells)
     k = min(n_neighbors, len(rows) - 1)
-    return knn.knn_graph(coordinates, k, kind=kind, seed=seed, nprobe=nprobe, min_recall=min_recall)
+    neighbors, distances, recall = knn.knn_graph(
+        coordinates, k, kind=kind, seed=seed, nprobe=nprobe, min_recall=min_recall
+    )
+    if mnn_neighbors and mnn_slots and groups is not None:
+        partners = knn.mutual_neighbors(coordinates, groups, mnn_neighbors, seed=seed)
+        neighbors, distances = knn.with_partners(
+            neighbors, distances, coordinates, partners, mnn_slots, seed=seed
+        )
+    return neighbors, distances, recall
 
 
 def study_pca(

@@ -208,3 +208,77 @@ def neighbourhood_means(
     kind = "exact" if exact else "ivf_flat"
     neighbors, _, _ = knn_graph(coordinates, k, kind=kind, seed=seed)
     return (coordinates + coordinates[neighbors].sum(axis=1)) / (k + 1)
+
+
+def mutual_neighbors(
+    coordinates: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    approximate_above: int | None = 200_000,
+) -> sp.csr_matrix:
+    """Mutual nearest neighbours across groups (Haghverdi et al. 2018), as a symmetric
+    boolean n × n matrix: i and j of different groups are partners when j is among i's
+    ``k`` nearest rows of j's group and i among j's ``k`` nearest of i's group.
+
+    Searched on unit-length rows (cosine), as MNN correction does: a study's cells can sit
+    further out along the same directions than another study's. Pairs of the same type
+    are what such a match mostly finds even where the study effect puts every cell's own
+    kNN inside its study. Each group is searched exactly up to ``approximate_above`` rows,
+    with the ivf_flat index beyond.
+    """
+    unit = np.asarray(coordinates, dtype=np.float32)
+    unit = np.ascontiguousarray(
+        unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    )
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    nearest = {}  # (from group, to group) → positions (within `to`) of each row's k nearest
+
+    def within(source: int, target: int) -> np.ndarray:
+        if (source, target) not in nearest:
+            rows, into = members[source], members[target]
+            exact = index_kind("auto", len(into), approximate_above) == "exact"
+            index = build_index(
+                unit[into], kind="exact" if exact else "ivf_flat", seed=seed, nprobe=16
+            )
+            nearest[source, target] = search(index, unit[rows], min(k, len(into)))[1]
+        return nearest[source, target]
+
+    pairs = []
+    for a in range(len(members)):
+        for b in range(a + 1, len(members)):
+            ab, ba = within(a, b), within(b, a)  # positions within b, within a
+            # (i, m) is mutual when row i of a is among the k nearest of its m-th neighbour
+            mutual = (ba[ab] == np.arange(len(ab))[:, None, None]).any(axis=2)
+            i, m = np.nonzero(mutual)
+            pairs.append((members[a][i], members[b][ab[i, m]]))
+    n = len(unit)
+    if not pairs:
+        return sp.csr_matrix((n, n), dtype=bool)
+    rows = np.concatenate([p[0] for p in pairs] + [p[1] for p in pairs])
+    cols = np.concatenate([p[1] for p in pairs] + [p[0] for p in pairs])
+    return sp.csr_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(n, n))
+
+
+def with_partners(
+    neighbors: np.ndarray,
+    distances: np.ndarray,
+    coordinates: np.ndarray,
+    partners: sp.csr_matrix,
+    slots: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's neighbour list widened by ``slots`` columns drawn from its ``partners``
+    (with replacement when it has fewer), so a view drawn from the list is a partner
+    slots/(k + slots) of the time; a row without partners draws them from its own list.
+    The new columns' distances are squared Euclidean on ``coordinates``, as the graph's."""
+    rng = np.random.default_rng(seed)
+    extra = np.empty((len(neighbors), slots), dtype=neighbors.dtype)
+    for row in range(len(neighbors)):
+        own = partners.indices[partners.indptr[row] : partners.indptr[row + 1]]
+        pool = own if len(own) else neighbors[row]
+        extra[row] = rng.choice(pool, slots, replace=len(pool) < slots)
+    gap = coordinates[extra] - coordinates[:, None, :]
+    extra_distances = np.einsum("nsd,nsd->ns", gap, gap).astype(distances.dtype)
+    return np.hstack([neighbors, extra]), np.hstack([distances, extra_distances])

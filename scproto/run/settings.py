@@ -103,6 +103,8 @@ RANGES = {
     "data.geometry_pcs": count(0),
     "data.geometry_smoothing": count(0),
     "data.n_neighbors": count(1),
+    "data.mnn_neighbors": count(0),
+    "data.mnn_slots": count(1),
     "data.knn_approximate_above": count(1, optional=True),
     "data.pca_max_cells": count(2, optional=True),
     "data.hvg_max_cells": count(2, optional=True),

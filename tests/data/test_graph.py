@@ -21,6 +21,27 @@ def test_neighbours_are_positions_among_the_rows_and_stay_in_their_cluster():
     assert (cluster[rows][neighbors] == cluster[rows][:, None]).all()
 
 
+def test_mnn_columns_widen_the_list_with_partners_from_other_studies_in_the_same_cluster():
+    x, cluster = blobs()
+    rows = np.arange(10, 120)
+    studies = np.arange(len(rows)) % 2  # each cluster in both studies, no study effect
+    plain, plain_distances, _ = graph.pca_neighbors(x, rows, n_pcs=5, n_neighbors=8)
+    wider, _, _ = graph.pca_neighbors(
+        x, rows, n_pcs=5, n_neighbors=8, groups=studies, mnn_neighbors=4, mnn_slots=3
+    )
+    assert wider.shape == (110, 11)
+    np.testing.assert_array_equal(wider[:, :8], plain)  # the kNN columns are unchanged
+    partners = wider[:, 8:]
+    assert (cluster[rows][partners] == cluster[rows][:, None]).all()
+    has = (studies[partners] != studies[:, None]).all(axis=1)
+    assert has.mean() > 0.5  # most cells found partners; the others drew from their own list
+    off, off_distances, _ = graph.pca_neighbors(
+        x, rows, n_pcs=5, n_neighbors=8, groups=studies, mnn_neighbors=0, mnn_slots=3
+    )
+    np.testing.assert_array_equal(off, plain)
+    np.testing.assert_array_equal(off_distances, plain_distances)
+
+
 def test_few_rows_take_every_other_row_and_one_row_is_its_own_neighbour():
     x, _ = blobs()
     neighbors, _, _ = graph.pca_neighbors(x, np.arange(4), n_pcs=3, n_neighbors=15)

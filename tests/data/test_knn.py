@@ -110,3 +110,62 @@ def test_neighbourhood_means_shrink_the_spread_within_clusters_and_keep_their_ce
         assert smoothed[members].std(0).mean() < 0.75 * x[members].std(0).mean()
     # k = 0: every row is its own mean
     np.testing.assert_allclose(knn.neighbourhood_means(x[:50], 0), x[:50])
+
+
+def brute_force_mutual(points, groups, k):
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    far = ((unit[:, None] - unit[None]) ** 2).sum(-1)
+    nearest = {}
+    for i in range(len(points)):
+        for g in np.unique(groups):
+            into = np.flatnonzero(groups == g)
+            nearest[i, g] = set(into[np.argsort(far[i, into], kind="stable")[:k]])
+    return {
+        (i, j)
+        for i in range(len(points))
+        for j in range(len(points))
+        if groups[i] != groups[j] and j in nearest[i, groups[j]] and i in nearest[j, groups[i]]
+    }
+
+
+def test_mutual_neighbors_are_the_brute_force_pairs_across_groups_only():
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(90, 6)).astype(np.float32)
+    groups = rng.integers(0, 3, size=90)
+    partners = knn.mutual_neighbors(points, groups, 4)
+    found = set(zip(*partners.nonzero(), strict=True))
+    assert found == brute_force_mutual(points, groups, 4)
+    assert (partners != partners.T).nnz == 0  # symmetric
+    assert all(groups[i] != groups[j] for i, j in found)
+
+
+def test_mutual_neighbors_match_a_shifted_copy_of_each_cluster_by_direction():
+    # two studies of the same three populations, the second scaled out and shifted a little:
+    # its cells' own neighbours stay in it, but the partners are the same population's
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8, dtype=np.float32) * 10
+    labels = np.repeat(np.arange(3), 20)
+    first = centres[labels] + rng.normal(scale=0.5, size=(60, 8))
+    second = 3 * (centres[labels] + rng.normal(scale=0.5, size=(60, 8))) + 1.0
+    points = np.vstack([first, second]).astype(np.float32)
+    groups, kinds = np.repeat([0, 1], 60), np.tile(labels, 2)
+    i, j = knn.mutual_neighbors(points, groups, 5).nonzero()
+    assert len(i) > 60
+    assert (kinds[i] == kinds[j]).all()
+
+
+def test_with_partners_draws_the_new_columns_from_partners_or_the_own_list():
+    neighbors = np.array([[1, 2], [0, 2], [0, 1], [2, 1]])
+    distances = np.ones((4, 2), dtype=np.float32)
+    coordinates = np.arange(8, dtype=np.float32).reshape(4, 2)
+    partners = sp.csr_matrix(
+        (np.ones(2, dtype=bool), ([0, 3], [3, 0])), shape=(4, 4)
+    )  # only cells 0 and 3 have a partner (each other)
+    wider, wider_distances = knn.with_partners(neighbors, distances, coordinates, partners, 3)
+    assert wider.shape == wider_distances.shape == (4, 5)
+    np.testing.assert_array_equal(wider[:, :2], neighbors)
+    np.testing.assert_array_equal(wider[[0, 3], 2:], [[3, 3, 3], [0, 0, 0]])
+    for row in (1, 2):
+        assert set(wider[row, 2:]) <= set(neighbors[row])
+    gap = coordinates[wider[:, 2:]] - coordinates[:, None]
+    np.testing.assert_allclose(wider_distances[:, 2:], (gap**2).sum(-1))

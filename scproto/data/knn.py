@@ -249,8 +249,15 @@ def mutual_neighbors(
     for a in range(len(members)):
         for b in range(a + 1, len(members)):
             ab, ba = within(a, b), within(b, a)  # positions within b, within a
-            # (i, m) is mutual when row i of a is among the k nearest of its m-th neighbour
-            mutual = (ba[ab] == np.arange(len(ab))[:, None, None]).any(axis=2)
+            # (i, m) is mutual when row i of a is among the k nearest of its m-th neighbour;
+            # in blocks of rows, as the k × k comparison of a large study would not fit
+            mutual = np.concatenate(
+                [
+                    (ba[ab[start : start + SEARCH_BLOCK_ROWS]] == own[:, None, None]).any(axis=2)
+                    for start in range(0, len(ab), SEARCH_BLOCK_ROWS)
+                    for own in [np.arange(start, min(start + SEARCH_BLOCK_ROWS, len(ab)))]
+                ]
+            )
             i, m = np.nonzero(mutual)
             pairs.append((members[a][i], members[b][ab[i, m]]))
     n = len(unit)

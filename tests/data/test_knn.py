@@ -169,3 +169,12 @@ def test_with_partners_draws_the_new_columns_from_partners_or_the_own_list():
         assert set(wider[row, 2:]) <= set(neighbors[row])
     gap = coordinates[wider[:, 2:]] - coordinates[:, None]
     np.testing.assert_allclose(wider_distances[:, 2:], (gap**2).sum(-1))
+
+
+def test_mutual_neighbors_in_blocks_of_rows_equal_one_block(monkeypatch):
+    rng = np.random.default_rng(5)
+    points = rng.normal(size=(120, 6)).astype(np.float32)
+    groups = rng.integers(0, 3, size=120)
+    whole = knn.mutual_neighbors(points, groups, 5)
+    monkeypatch.setattr(knn, "SEARCH_BLOCK_ROWS", 7)
+    assert (knn.mutual_neighbors(points, groups, 5) != whole).nnz == 0

@@ -1,6 +1,7 @@
 """The k-nearest-neighbour graph on PCA coordinates (faiss), cached on disk."""
 
 import hashlib
+import itertools
 import json
 import logging
 import tempfile
@@ -204,8 +205,7 @@ def neighbourhood_means(
     ``approximate_above`` rows, as for the training graph; the ivf_flat index beyond, since
     a few coordinates need no compression)."""
     coordinates = np.ascontiguousarray(coordinates, dtype=np.float32)
-    exact = index_kind("auto", len(coordinates), approximate_above) == "exact"
-    kind = "exact" if exact else "ivf_flat"
+    kind = exact_or_ivf_flat(len(coordinates), approximate_above)
     neighbors, _, _ = knn_graph(coordinates, k, kind=kind, seed=seed)
     return (coordinates + coordinates[neighbors].sum(axis=1)) / (k + 1)
 
@@ -233,39 +233,47 @@ def mutual_neighbors(
         unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
     )
     members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    nearest = {}  # (from group, to group) → positions (within `to`) of each row's k nearest
+    indexes = [  # each group's index, built once and searched from every other group
+        build_index(
+            unit[m], kind=exact_or_ivf_flat(len(m), approximate_above), seed=seed, nprobe=16
+        )
+        for m in members
+    ]
 
-    def within(source: int, target: int) -> np.ndarray:
-        if (source, target) not in nearest:
-            rows, into = members[source], members[target]
-            exact = index_kind("auto", len(into), approximate_above) == "exact"
-            index = build_index(
-                unit[into], kind="exact" if exact else "ivf_flat", seed=seed, nprobe=16
-            )
-            nearest[source, target] = search(index, unit[rows], min(k, len(into)))[1]
-        return nearest[source, target]
+    def nearest(source: int, target: int) -> np.ndarray:
+        """Positions (within ``target``) of the k nearest rows of each ``source`` row."""
+        k_within = min(k, len(members[target]))
+        return search(indexes[target], unit[members[source]], k_within)[1]
 
     pairs = []
-    for a in range(len(members)):
-        for b in range(a + 1, len(members)):
-            ab, ba = within(a, b), within(b, a)  # positions within b, within a
-            # (i, m) is mutual when row i of a is among the k nearest of its m-th neighbour;
-            # in blocks of rows, as the k × k comparison of a large study would not fit
-            mutual = np.concatenate(
-                [
-                    (ba[ab[start : start + SEARCH_BLOCK_ROWS]] == own[:, None, None]).any(axis=2)
-                    for start in range(0, len(ab), SEARCH_BLOCK_ROWS)
-                    for own in [np.arange(start, min(start + SEARCH_BLOCK_ROWS, len(ab)))]
-                ]
-            )
-            i, m = np.nonzero(mutual)
-            pairs.append((members[a][i], members[b][ab[i, m]]))
+    for a, b in itertools.combinations(range(len(members)), 2):
+        ab = nearest(a, b)
+        i, m = np.nonzero(mutual_mask(ab, nearest(b, a)))
+        pairs.append((members[a][i], members[b][ab[i, m]]))
     n = len(unit)
     if not pairs:
         return sp.csr_matrix((n, n), dtype=bool)
     rows = np.concatenate([p[0] for p in pairs] + [p[1] for p in pairs])
     cols = np.concatenate([p[1] for p in pairs] + [p[0] for p in pairs])
     return sp.csr_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(n, n))
+
+
+def exact_or_ivf_flat(n_rows: int, approximate_above: int | None) -> str:
+    """Exact search up to ``approximate_above`` rows, as for the training graph; ivf_flat
+    beyond (a search that needs no compressed codes)."""
+    return "exact" if index_kind("auto", n_rows, approximate_above) == "exact" else "ivf_flat"
+
+
+def mutual_mask(ab: np.ndarray, ba: np.ndarray) -> np.ndarray:
+    """(i, m) is True when row i is among the neighbours ``ba`` of its m-th neighbour
+    ``ab[i, m]``; in blocks of rows, as the k × k comparison of a large study would not
+    fit at once."""
+    mask = np.empty(ab.shape, dtype=bool)
+    for start in range(0, len(ab), SEARCH_BLOCK_ROWS):
+        block = slice(start, start + SEARCH_BLOCK_ROWS)
+        own = np.arange(len(ab))[block]
+        mask[block] = (ba[ab[block]] == own[:, None, None]).any(axis=2)
+    return mask
 
 
 def with_partners(

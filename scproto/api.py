@@ -359,6 +359,7 @@ class ScProto:
         objective: str = "scproto",
         study_shift: bool = True,
         targets: str = "all",
+        mnn_neighbors: int = 0,
         x: sp.csr_matrix | None = None,
         counts: sp.csr_matrix | None = None,
     ) -> "ScProto":
@@ -378,7 +379,12 @@ class ScProto:
         ``targets``: the prototypes SwAV's codes may use, ``"all"`` or ``"populated"``
         (only those some reference cell is nearest to: Sinkhorn then shares each new study
         among them alone, so no query cell is sent to a prototype that stands for no
-        population). Genes are matched by name.
+        population). ``mnn_neighbors`` = k > 0, when ``adata`` also holds cells of the
+        model's own studies: a query cell's views also take its mutual nearest neighbours
+        among those reference cells (k nearest both ways on a PCA of all of them, as
+        ``data.mnn_neighbors`` in training), so SwAV asks it to predict the code the frozen
+        model gives its reference partner; only the query cells are anchors. Genes are
+        matched by name.
 
         >>> mapped = model.map_query(query_adata, epochs=100)
         >>> query_adata.obsm["X_scproto"] = mapped.get_latent(query_adata)
@@ -387,6 +393,7 @@ class ScProto:
         check_argument("lr", lr, POSITIVE)
         check_argument("batch_size", batch_size, count(1))
         check_choice("query.objective", objective)  # before the query is prepared
+        check_argument("mnn_neighbors", mnn_neighbors, count(0))
         target_prototypes = mapping_targets(self.module, targets)
         key = self.registry.batch_key
         self.study_codes(adata)  # checks the key
@@ -400,13 +407,21 @@ class ScProto:
         mapped = ScProto(expand_studies(self.module, new_studies, study_shift))
         codes = mapped.study_codes(adata)
         query = np.flatnonzero(codes >= len(self.studies))
-        if x is None:  # prepare the query cells alone
-            cells = adata[query]
-            x, codes, counts, query = (
-                mapped.model_input(cells),
-                codes[query],
-                mapped.counts_input(cells),
+        reference = np.flatnonzero(codes < len(self.studies)) if mnn_neighbors else None
+        if mnn_neighbors and objective == "scproto" and not len(reference):
+            warnings.warn(
+                f"mnn_neighbors={mnn_neighbors} pairs query cells with reference cells, but "
+                "adata holds cells of the new studies only: mapping without them (pass the "
+                "reference cells too, with their studies, to use it)",
+                stacklevel=2,
+            )
+        if x is None:  # prepare the query (and, with mnn_neighbors, the reference) cells alone
+            used = query if reference is None else np.concatenate([query, reference])
+            cells = adata[used]
+            x, codes, counts = mapped.model_input(cells), codes[used], mapped.counts_input(cells)
+            query, reference = (
                 np.arange(len(query)),
+                None if reference is None else np.arange(len(query), len(used)),
             )
         elif counts is None:
             counts = mapped.counts_input(adata)  # None for MSE models
@@ -422,6 +437,8 @@ class ScProto:
             batch_size=batch_size,
             seed=seed,
             targets=target_prototypes,
+            reference=reference,
+            mnn_neighbors=mnn_neighbors,
         )
         return mapped
 

@@ -47,6 +47,7 @@ def map_file(cfg: DictConfig) -> Path:
         objective=cfg.objective,
         study_shift=cfg.study_shift,
         targets=cfg.targets,
+        mnn_neighbors=cfg.mnn_neighbors,
     )
     x = mapped.model_input(adata)
     latent = mapped.latent_of(x, mapped.study_codes(adata))

@@ -5,11 +5,15 @@ layer; every other parameter is frozen and only those rows train, on the query c
 The ``scproto`` objective trains them with the training loss itself, on views built from
 the query cells as training built them from the reference: SwAV within each new study
 (Sinkhorn over the frozen prototypes), propagation, L_cvae and L_geometry on the study's
-own PCA. The ``cvae`` objective is scArches' (L_cvae alone), which only asks the new study
-to be reconstructed, not to land where the reference put the same cells.
+own PCA. With reference cells at hand and ``mnn_neighbors`` > 0, the reference cells join
+as anchors and views, and a query cell's views also reach its mutual nearest reference
+cells: SwAV then asks the pair to agree, with the reference cell's code made as training
+made it (Sinkhorn within its own study, by the frozen model). The ``cvae`` objective is scArches' (L_cvae alone), which only asks
+the new study to be reconstructed, not to land where the reference put the same cells.
 """
 
 import copy
+import itertools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -97,9 +101,13 @@ def new_row_parameters(module: ScProtoModule, study_shift: bool = False) -> list
 
 @dataclass
 class QueryViews:
-    """The query cells' kNN graph (positions among them) and per-study PCA (None when
-    L_geometry is off), built as training built the reference's."""
+    """The kNN graph and per-study PCA (None when L_geometry is off) of the mapping's
+    cells, built as training built the reference's. ``cells``: their rows of the model
+    input, the ``n_query`` query cells first (then any reference cells); ``neighbors``
+    holds positions in ``cells``."""
 
+    cells: np.ndarray
+    n_query: int
     neighbors: np.ndarray
     distances: np.ndarray
     pca: np.ndarray | None
@@ -114,11 +122,25 @@ def query_views(
     *,
     with_geometry: bool,
     seed: int = 0,
+    reference: np.ndarray | None = None,
+    mnn_neighbors: int = 0,
 ) -> QueryViews:
-    """Views of ``x[cells]``: one kNN graph over all of them (as over all reference cells in
-    training) and, ``with_geometry``, each study's own PCA. ``settings``: the model's
-    ``registry.view_settings`` (the data config's defaults for models saved before it)."""
+    """Views of the query cells ``x[cells]``: one kNN graph over all of them (as over all
+    reference cells in training) and, ``with_geometry``, each study's own PCA.
+    ``settings``: the model's ``registry.view_settings`` (the data config's defaults for
+    models saved before it).
+
+    ``reference`` (rows of reference cells) with ``mnn_neighbors`` = k > 0: the graph and
+    the PCA take the query and reference cells together, and each list gains
+    ``mnn_slots`` columns of mutual nearest neighbours in other studies, the reference's
+    included (:func:`graph.pca_neighbors`)."""
     settings = {**group_defaults("data"), **(settings or {})}
+    anchored = reference is not None and len(reference) > 0 and mnn_neighbors > 0
+    n_query = len(cells)
+    if anchored:
+        cells = np.concatenate([cells, reference])
+    else:
+        mnn_neighbors = settings["mnn_neighbors"]
     kind = knn.index_kind("auto", len(cells), settings["knn_approximate_above"])
     neighbors, distances, _ = graph.pca_neighbors(
         x,
@@ -129,7 +151,7 @@ def query_views(
         seed=seed,
         pca_max_cells=settings["pca_max_cells"],
         groups=study[cells],
-        mnn_neighbors=settings["mnn_neighbors"],
+        mnn_neighbors=mnn_neighbors,
         mnn_slots=settings["mnn_slots"],
     )
     pca = None
@@ -144,7 +166,7 @@ def query_views(
             pca_max_cells=settings["pca_max_cells"],
             approximate_above=settings["knn_approximate_above"],
         )
-    return QueryViews(neighbors, distances, pca, settings["neighbor_weighting"])
+    return QueryViews(cells, n_query, neighbors, distances, pca, settings["neighbor_weighting"])
 
 
 def train_new_rows(
@@ -160,6 +182,8 @@ def train_new_rows(
     seed: int = 0,
     cells: np.ndarray | None = None,
     targets: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
+    mnn_neighbors: int = 0,
 ) -> list[float]:
     """Adam on the new studies' rows (the parameters :func:`expand_studies` left trainable)
     over the query cells; returns the epoch losses.
@@ -168,7 +192,9 @@ def train_new_rows(
     anchors per step) or ``cvae`` (recon + kl_weight·KL, ``batch_size`` cells per step).
     ``cells``: the rows of ``x``, ``study`` and ``counts`` that are query cells (all by
     default), so an atlas's model input is not copied to take them. ``targets``: the
-    prototypes the SwAV codes may use (:func:`mapping_targets`; None: all)."""
+    prototypes the SwAV codes may use (:func:`mapping_targets`; None: all). ``reference``,
+    ``mnn_neighbors``: rows of reference cells whose mutual nearest neighbours among the
+    query cells join those cells' views (:func:`query_views`)."""
     check_choice("query.objective", objective)
     cells = np.arange(x.shape[0]) if cells is None else np.asarray(cells)
     trainable = [p for p in module.parameters() if p.requires_grad]
@@ -182,8 +208,10 @@ def train_new_rows(
             module.registry.view_settings if module.registry else None,
             with_geometry=module.hparams.lambda_geometry > 0,
             seed=seed,
+            reference=reference,
+            mnn_neighbors=mnn_neighbors,
         )
-        batches = view_batches(views, x, study, counts, cells, batch_size, module, seed)
+        batches = view_batches(views, x, study, counts, batch_size, module, seed)
         if targets is not None:
             targets = torch.as_tensor(targets, device=module.device)
     else:
@@ -219,16 +247,19 @@ def view_batches(
     x: sp.csr_matrix,
     study: np.ndarray,
     counts: sp.csr_matrix | None,
-    cells: np.ndarray,
     batch_size: int,
     module: ScProtoModule,
     seed: int,
 ) -> Batches:
-    """Epoch → minibatches of ``module.hparams.n_views`` views of query anchors."""
-    rows = ViewRows(x, study, counts, cells=cells, pca=views.pca)
+    """Epoch → minibatches of ``module.hparams.n_views`` views of anchors. An epoch is as
+    many steps as the query cells alone make, whatever the reference cells added: its
+    anchors are a random draw from all of them."""
+    rows = ViewRows(x, study, counts, cells=views.cells, pca=views.pca)
+    batch_size = min(batch_size, len(views.cells))
+    steps = max(1, views.n_query // batch_size)
     sampler = ViewBatchSampler(
         views.neighbors,
-        batch_size=min(batch_size, len(cells)),
+        batch_size=batch_size,
         n_views=module.hparams.n_views,
         seed=seed,
         probabilities=neighbor_probabilities(views.distances, views.weighting),
@@ -236,7 +267,7 @@ def view_batches(
 
     def epoch_batches(epoch: int):
         sampler.set_epoch(epoch)
-        for indices in sampler:
+        for indices in itertools.islice(sampler, steps):
             yield rows.__getitems__(indices)
 
     return epoch_batches

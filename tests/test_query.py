@@ -227,3 +227,70 @@ def test_query_views_take_partners_across_the_new_studies_as_training_did():
     assert (kinds[partners[has]] == kinds[has][:, None]).all()
     older = query_views(x, cells, study, {"n_pcs": 10, "n_neighbors": 8}, with_geometry=False)
     assert older.neighbors.shape == (180, 8)
+
+
+def test_reference_cells_join_the_query_views_through_mutual_pairs():
+    """query_views with reference rows and mnn_neighbors: the graph spans both, the query
+    cells come first, and a query cell's partner columns hold reference cells of its own
+    cluster (the study offset keeps them out of its plain kNN columns)."""
+    import scipy.sparse as sp
+
+    from scproto.query import query_views
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 4, size=(3, 40))
+    kinds = np.tile(np.repeat(np.arange(3), 30), 2)
+    study = np.repeat([0, 5], 90)  # reference study 0, new study 5
+    x = sp.csr_matrix(
+        (centres[kinds] + rng.normal(size=(180, 40)) + 2.0 * (study == 5)[:, None]).astype(
+            np.float32
+        )
+    )
+    query, reference = np.arange(90, 180), np.arange(90)
+    settings = {"n_pcs": 10, "n_neighbors": 8, "mnn_slots": 3}
+    views = query_views(
+        x, query, study, settings, with_geometry=True, reference=reference, mnn_neighbors=10
+    )
+    np.testing.assert_array_equal(views.cells, np.concatenate([query, reference]))
+    assert views.n_query == 90 and views.neighbors.shape == (180, 11)
+    assert views.pca.shape[0] == 180
+    cells = views.cells
+    partners = cells[views.neighbors[:90, 8:]]
+    has = (study[partners] == 0).all(axis=1)
+    assert has.mean() > 0.5
+    assert (kinds[partners[has]] == kinds[query[has]][:, None]).all()
+    alone = query_views(x, query, study, settings, with_geometry=False)
+    assert alone.n_query == 90 and alone.neighbors.shape == (90, 8)
+    np.testing.assert_array_equal(alone.cells, query)
+
+
+def test_reference_anchors_change_the_mapping_not_the_reference(reference_model, small_adata):
+    """map_query(mnn_neighbors=k) on data with reference cells: still only the new rows
+    move, the mapping differs from the one without partners, and an epoch takes as many
+    steps as the query alone; without reference cells it warns and maps as k = 0."""
+    query = small_adata[small_adata.obs["study"] == "study_3"].copy()
+    before = {k: v.clone() for k, v in reference_model.module.state_dict().items()}
+    anchored = reference_model.map_query(small_adata, epochs=3, mnn_neighbors=5)
+    plain = reference_model.map_query(small_adata, epochs=3)
+    after, n_old = anchored.module.state_dict(), len(reference_model.studies)
+    for name, value in before.items():  # the new studies' rows aside, nothing moved
+        rows = after[name][: len(value)]
+        torch.testing.assert_close(rows, value, rtol=0, atol=0, msg=name)
+    assert (after["cvae.encoder.study_shift.weight"][:n_old] == 0).all()
+    assert not np.allclose(anchored.get_latent(query), plain.get_latent(query))
+    with pytest.warns(UserWarning, match="new studies only"):
+        alone = reference_model.map_query(query, epochs=3, mnn_neighbors=5)
+    np.testing.assert_array_equal(alone.get_latent(query), plain.get_latent(query))
+
+
+def test_an_epoch_of_anchored_mapping_is_as_long_as_the_query_alone():
+    import scipy.sparse as sp
+
+    from scproto.query import QueryViews, view_batches
+
+    cells = np.arange(1000)
+    views = QueryViews(cells, 300, np.zeros((1000, 4), np.int64), np.ones((1000, 4)), None)
+    module = type("M", (), {"hparams": type("H", (), {"n_views": 2})()})()
+    x = sp.csr_matrix(np.ones((1000, 3), np.float32))
+    batches = view_batches(views, x, np.zeros(1000, np.int64), None, 100, module, seed=0)
+    assert len(list(batches(0))) == 3

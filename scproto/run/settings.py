@@ -143,6 +143,7 @@ RANGES = {
     "query.epochs": count(0),
     "query.lr": POSITIVE,
     "query.batch_size": count(1),
+    "query.mnn_neighbors": count(0),
     "label_transfer.uncertainty_threshold": SHARE,
     "eval.subsample": count(1, optional=True),
     "eval.scib.max_cells": count(1, optional=True),

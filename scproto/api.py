@@ -2,6 +2,7 @@
 map query studies, save and load; the same model `train.py` builds."""
 
 import difflib
+import logging
 import os
 import tempfile
 import warnings
@@ -36,6 +37,8 @@ from scproto.run.directory import CHECKPOINT, atomic_path
 from scproto.run.hydra import compose_config
 from scproto.run.quiet import quiet_third_party
 from scproto.run.settings import POSITIVE, check_argument, check_choice, count
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.ckpt"  # what save() writes into a directory
 SETUP_KEY = "_scproto"  # adata.uns entry written by setup_anndata
@@ -359,7 +362,7 @@ class ScProto:
         objective: str = "scproto",
         study_shift: bool = True,
         targets: str = "all",
-        mnn_neighbors: int = 0,
+        mnn_neighbors: int = 10,
         x: sp.csr_matrix | None = None,
         counts: sp.csr_matrix | None = None,
     ) -> "ScProto":
@@ -379,12 +382,14 @@ class ScProto:
         ``targets``: the prototypes SwAV's codes may use, ``"all"`` or ``"populated"``
         (only those some reference cell is nearest to: Sinkhorn then shares each new study
         among them alone, so no query cell is sent to a prototype that stands for no
-        population). ``mnn_neighbors`` = k > 0, when ``adata`` also holds cells of the
-        model's own studies: a query cell's views also take its mutual nearest neighbours
-        among those reference cells (k nearest both ways on a PCA of all of them, as
-        ``data.mnn_neighbors`` in training), so SwAV asks it to predict the code the frozen
-        model gives its reference partner; only the query cells are anchors. Genes are
-        matched by name.
+        population). ``mnn_neighbors`` = k > 0 (``objective="scproto"``), when ``adata``
+        also holds cells of the model's own studies: those reference cells join the mapping
+        as anchors and views, and a query cell's views also take its mutual nearest
+        neighbours among them (k nearest both ways on a PCA of all the cells, as
+        ``data.mnn_neighbors`` in training), so SwAV asks the query cell to agree with the
+        code the frozen model gives its reference partner within the partner's own study.
+        An epoch keeps the query's own number of steps. Without reference cells in
+        ``adata`` (or with 0) the query maps on its own views. Genes are matched by name.
 
         >>> mapped = model.map_query(query_adata, epochs=100)
         >>> query_adata.obsm["X_scproto"] = mapped.get_latent(query_adata)
@@ -409,11 +414,11 @@ class ScProto:
         query = np.flatnonzero(codes >= len(self.studies))
         reference = np.flatnonzero(codes < len(self.studies)) if mnn_neighbors else None
         if mnn_neighbors and objective == "scproto" and not len(reference):
-            warnings.warn(
-                f"mnn_neighbors={mnn_neighbors} pairs query cells with reference cells, but "
-                "adata holds cells of the new studies only: mapping without them (pass the "
-                "reference cells too, with their studies, to use it)",
-                stacklevel=2,
+            log.info(
+                "query mapping on the new studies' own views: adata holds no cells of the "
+                "model's studies to pair them with (pass the reference cells too, with their "
+                "studies, for mnn_neighbors=%d)",
+                mnn_neighbors,
             )
         if x is None:  # prepare the query (and, with mnn_neighbors, the reference) cells alone
             used = query if reference is None else np.concatenate([query, reference])

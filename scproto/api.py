@@ -412,15 +412,16 @@ class ScProto:
         mapped = ScProto(expand_studies(self.module, new_studies, study_shift))
         codes = mapped.study_codes(adata)
         query = np.flatnonzero(codes >= len(self.studies))
-        reference = np.flatnonzero(codes < len(self.studies)) if mnn_neighbors else None
-        if mnn_neighbors and objective == "scproto" and not len(reference):
+        paired = mnn_neighbors > 0 and objective == "scproto"
+        reference = np.flatnonzero(codes < len(self.studies)) if paired else None
+        if paired and not len(reference):
             log.info(
                 "query mapping on the new studies' own views: adata holds no cells of the "
                 "model's studies to pair them with (pass the reference cells too, with their "
                 "studies, for mnn_neighbors=%d)",
                 mnn_neighbors,
             )
-        if x is None:  # prepare the query (and, with mnn_neighbors, the reference) cells alone
+        if x is None:  # prepare the query (and, paired, the reference) cells alone
             used = query if reference is None else np.concatenate([query, reference])
             cells = adata[used]
             x, codes, counts = mapped.model_input(cells), codes[used], mapped.counts_input(cells)

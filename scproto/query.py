@@ -8,8 +8,9 @@ the query cells as training built them from the reference: SwAV within each new 
 own PCA. With reference cells at hand and ``mnn_neighbors`` > 0, the reference cells join
 as anchors and views, and a query cell's views also reach its mutual nearest reference
 cells: SwAV then asks the pair to agree, with the reference cell's code made as training
-made it (Sinkhorn within its own study, by the frozen model). The ``cvae`` objective is scArches' (L_cvae alone), which only asks
-the new study to be reconstructed, not to land where the reference put the same cells.
+made it (Sinkhorn within its own study, by the frozen model). The ``cvae`` objective is
+scArches' (L_cvae alone), which only asks the new study to be reconstructed, not to land
+where the reference put the same cells.
 """
 
 import copy
@@ -133,11 +134,12 @@ def query_views(
     ``reference`` (rows of reference cells) with ``mnn_neighbors`` = k > 0: the graph and
     the PCA take the query and reference cells together, and each list gains
     ``mnn_slots`` columns of mutual nearest neighbours in other studies, the reference's
-    included (:func:`graph.pca_neighbors`)."""
+    included (:func:`graph.pca_neighbors`; this k replaces the training's
+    ``mnn_neighbors``)."""
     settings = {**group_defaults("data"), **(settings or {})}
-    anchored = reference is not None and len(reference) > 0 and mnn_neighbors > 0
+    paired = reference is not None and len(reference) > 0 and mnn_neighbors > 0
     n_query = len(cells)
-    if anchored:
+    if paired:
         cells = np.concatenate([cells, reference])
     else:
         mnn_neighbors = settings["mnn_neighbors"]
@@ -193,8 +195,8 @@ def train_new_rows(
     ``cells``: the rows of ``x``, ``study`` and ``counts`` that are query cells (all by
     default), so an atlas's model input is not copied to take them. ``targets``: the
     prototypes the SwAV codes may use (:func:`mapping_targets`; None: all). ``reference``,
-    ``mnn_neighbors``: rows of reference cells whose mutual nearest neighbours among the
-    query cells join those cells' views (:func:`query_views`)."""
+    ``mnn_neighbors``: rows of reference cells that join as anchors and views, paired with
+    the query cells by mutual nearest neighbours (:func:`query_views`)."""
     check_choice("query.objective", objective)
     cells = np.arange(x.shape[0]) if cells is None else np.asarray(cells)
     trainable = [p for p in module.parameters() if p.requires_grad]

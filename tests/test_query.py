@@ -287,14 +287,16 @@ def test_reference_anchors_change_the_mapping_not_the_reference(
     np.testing.assert_array_equal(alone.get_latent(query), plain.get_latent(query))
 
 
-def test_an_epoch_of_anchored_mapping_is_as_long_as_the_query_alone():
+def test_an_epoch_of_a_paired_mapping_is_as_long_as_the_query_alone():
+    from types import SimpleNamespace
+
     import scipy.sparse as sp
 
     from scproto.query import QueryViews, view_batches
 
     cells = np.arange(1000)
     views = QueryViews(cells, 300, np.zeros((1000, 4), np.int64), np.ones((1000, 4)), None)
-    module = type("M", (), {"hparams": type("H", (), {"n_views": 2})()})()
+    module = SimpleNamespace(hparams=SimpleNamespace(n_views=2))  # all view_batches reads
     x = sp.csr_matrix(np.ones((1000, 3), np.float32))
     batches = view_batches(views, x, np.zeros(1000, np.int64), None, 100, module, seed=0)
     assert len(list(batches(0))) == 3

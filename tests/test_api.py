@@ -118,6 +118,29 @@ def test_mapping_nothing_new_says_so(model, small_adata, tmp_path, caplog):
     assert "nothing was trained" in caplog.text and "mapped []" not in caplog.text
 
 
+def test_a_checkpoint_from_before_decoder_hidden_dim_loads_with_the_encoders_width(
+    model, small_adata, tmp_path
+):
+    """Until 0.3 the decoder was as wide as the encoder and the setting did not exist."""
+    import torch
+
+    from scproto.model.module import ScProtoModule
+
+    hparams = {k: v for k, v in model.module.hparams.items() if k != "decoder_hidden_dim"}
+    torch.manual_seed(0)
+    narrow = ScProtoModule(**hparams, decoder_hidden_dim=None)
+    path = model.save(tmp_path / "new.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"] = hparams
+    checkpoint["state_dict"] = narrow.state_dict()
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = ScProto.load(tmp_path / "old.ckpt")
+    width = narrow.cvae.encoder.data.out_features
+    assert old.module.cvae.decoder.data.out_features == width
+    assert model.module.cvae.decoder.data.out_features == 128 != width
+    torch.testing.assert_close(old.module.cvae.output_head.weight, narrow.cvae.output_head.weight)
+
+
 def test_a_checkpoint_of_version_0_1_loads(model, small_adata, tmp_path):
     """0.1 stored the Sinkhorn settings as sinkhorn_iters / hard_assignment."""
     import torch

@@ -60,22 +60,25 @@ class ConditionalVAE(nn.Module):
         latent_dim: int,
         hidden_dim: int | None,
         embedding_dim: int,
+        decoder_hidden_dim: int | None = None,
         dropout: float,
         likelihood: Likelihood,
     ) -> None:
         """The settings come from the LightningModule (defaults: ``configs/model``);
-        ``hidden_dim`` None is ceil(√n_genes)."""
+        ``hidden_dim`` None is ceil(√n_genes); ``decoder_hidden_dim`` None is
+        ``hidden_dim``."""
         super().__init__()
         if likelihood not in ("mse", "nb"):
             raise ScProtoInputError(f"model.likelihood must be 'mse' or 'nb', got {likelihood!r}")
         hidden_dim = hidden_dim or math.ceil(math.sqrt(n_genes))
+        decoder_hidden_dim = decoder_hidden_dim or hidden_dim
         self.likelihood = likelihood
         self.study_embedding = nn.Embedding(n_studies, embedding_dim, max_norm=1.0)
         self.encoder = ConditionedBlock(n_genes, embedding_dim, hidden_dim, dropout)
         self.mean_head = nn.Linear(hidden_dim, latent_dim)
         self.logvar_head = nn.Linear(hidden_dim, latent_dim)
-        self.decoder = ConditionedBlock(latent_dim, embedding_dim, hidden_dim, dropout)
-        self.output_head = nn.Linear(hidden_dim, n_genes)
+        self.decoder = ConditionedBlock(latent_dim, embedding_dim, decoder_hidden_dim, dropout)
+        self.output_head = nn.Linear(decoder_hidden_dim, n_genes)
         if likelihood == "nb":
             # log inverse dispersion per study × gene
             self.log_theta = nn.Parameter(torch.zeros(n_studies, n_genes))

@@ -91,6 +91,7 @@ class ScProtoModule(pl.LightningModule):
             n_studies,
             latent_dim=settings["latent_dim"],
             hidden_dim=settings["hidden_dim"],
+            decoder_hidden_dim=settings["decoder_hidden_dim"],
             embedding_dim=settings["embedding_dim"],
             dropout=settings["dropout"],
             likelihood=settings["likelihood"],

@@ -83,7 +83,10 @@ RENAMED_SETTINGS = {"sinkhorn_iters": "n_iters", "hard_assignment": "hard"}
 def stored_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The module settings of a checkpoint, under this version's names."""
     saved = dict(checkpoint.get("hyper_parameters") or {})
-    return {RENAMED_SETTINGS.get(k, k): v for k, v in saved.items()}
+    settings = {RENAMED_SETTINGS.get(k, k): v for k, v in saved.items()}
+    # before 0.3 the decoder was as wide as the encoder
+    settings.setdefault("decoder_hidden_dim", settings.get("hidden_dim"))
+    return settings
 
 
 def check_resumable(checkpoint: dict[str, Any], module: pl.LightningModule, path: Path) -> None:

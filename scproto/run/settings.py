@@ -117,6 +117,7 @@ RANGES = {
     "model.n_prototypes": count(2),
     "model.latent_dim": count(1),
     "model.hidden_dim": count(1, optional=True),
+    "model.decoder_hidden_dim": count(1, optional=True),
     "model.embedding_dim": count(1),
     "model.dropout": Bound(low=0, high=1, high_open=True),
     "model.freeze_prototypes_iters": count(0),

@@ -246,3 +246,18 @@ def test_zero_study_shifts_leave_the_model_unchanged_and_unseen_studies_get_none
         torch.testing.assert_close(module.cvae.encode(batch["x"], unseen)[0], no_shift)
     moved = (shifted - before["mu"]).abs().sum(dim=1) > 0
     assert torch.equal(moved, batch["study"] == 2)  # only study 2's rows move
+
+
+def test_decoder_width_is_its_own_and_null_follows_the_encoder():
+    wide = make_module(hidden_dim=7, decoder_hidden_dim=11).cvae
+    assert wide.encoder.data.out_features == 7 and wide.mean_head.in_features == 7
+    assert wide.decoder.data.out_features == 11 and wide.output_head.in_features == 11
+    same = make_module(hidden_dim=7, decoder_hidden_dim=None).cvae
+    assert same.decoder.data.out_features == same.output_head.in_features == 7
+    same.add_study_shifts()  # each block's shift is as wide as that block
+    assert same.decoder.study_shift.embedding_dim == 7
+    wide.add_study_shifts()
+    assert (wide.encoder.study_shift.embedding_dim, wide.decoder.study_shift.embedding_dim) == (
+        7,
+        11,
+    )

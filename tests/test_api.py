@@ -118,9 +118,7 @@ def test_mapping_nothing_new_says_so(model, small_adata, tmp_path, caplog):
     assert "nothing was trained" in caplog.text and "mapped []" not in caplog.text
 
 
-def test_a_checkpoint_from_before_decoder_hidden_dim_loads_with_the_encoders_width(
-    model, small_adata, tmp_path
-):
+def test_a_checkpoint_from_before_decoder_hidden_dim_loads_with_the_encoders_width(model, tmp_path):
     """Until 0.3 the decoder was as wide as the encoder and the setting did not exist."""
     import torch
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import wandb
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 import scproto
@@ -32,11 +33,16 @@ def offline_records(run_dir: Path) -> list[wandb_internal_pb2.Record]:
             pos += block - pos % block
             continue
         _checksum, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if pos + 7 + length > len(raw):  # W&B's service is still writing this record
+            break
         pending += raw[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last fragment of one
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
+            try:
+                record.ParseFromString(pending)
+            except DecodeError:  # a tail caught mid-write; closed_run_records reads again
+                break
             records.append(record)
             pending = b""
     return records

@@ -27,7 +27,7 @@ from scproto.data.preprocess import (
     source_matrix,
 )
 from scproto.errors import ScProtoInputError
-from scproto.metacells import decode_prototypes, prototype_names
+from scproto.metacells import decode_prototypes, nearest_points, prototype_names
 from scproto.model.module import SETTING_GROUPS as MODULE_SETTING_GROUPS
 from scproto.model.module import ScProtoModule
 from scproto.query import expand_studies, mapping_targets, train_new_rows
@@ -540,17 +540,39 @@ class ScProto:
         """The K unit-norm prototypes (K × latent_dim)."""
         return F.normalize(self.module.prototypes.detach(), dim=1).cpu().numpy()
 
+    @property
+    def assignment(self) -> str:
+        """How a cell takes its prototype (``model.assignment``): ``point``, the prototype
+        whose decoding point (its metacell's place in μ) is nearest, or ``cosine``, the one
+        of highest cosine. A model without stored points assigns by cosine."""
+        if self.module.hparams.assignment == "point" and self.registry.prototype_points:
+            return "point"
+        return "cosine"
+
     @torch.no_grad()
-    def prototype_similarity(self, latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest prototype by cosine similarity, and that similarity, for each latent row."""
+    def prototype_similarity(
+        self, latent: np.ndarray, assignment: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each latent row's prototype (by ``assignment``, the model's by default) and the
+        cosine similarity to it.
+
+        Training's SwAV scores cells by cosine, but L_geometry keeps distances in μ, whose
+        norms vary: near the centre of the cloud a cell's direction is a poor guide to its
+        population, and its nearest metacell a better one (benchmarks/table1/README.md)."""
+        assignment = assignment or self.assignment
         scores = self.module.scores(torch.from_numpy(latent).to(self.module.device))
-        similarity, prototype = scores.max(dim=1)
-        return prototype.cpu().numpy(), similarity.cpu().numpy()
+        if assignment == "cosine":
+            similarity, prototype = scores.max(dim=1)
+            return prototype.cpu().numpy(), similarity.cpu().numpy()
+        prototype = nearest_points(latent, np.asarray(self.registry.prototype_points))
+        similarity = scores.gather(1, torch.from_numpy(prototype).to(scores.device)[:, None])
+        return prototype, similarity[:, 0].cpu().numpy()
 
     def assign_prototypes(
         self, adata: ad.AnnData | None = None, layer: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(index of the nearest prototype, its cosine similarity) for every cell."""
+        """(index of each cell's prototype, its cosine similarity): see
+        :meth:`prototype_similarity`."""
         return self.prototype_similarity(self.get_latent_representation(adata, layer=layer))
 
     # ----------------------------------------------------------------- metacells and labels

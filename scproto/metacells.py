@@ -5,12 +5,14 @@ import logging
 from collections.abc import Sequence
 
 import anndata as ad
+import faiss
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from scproto.data import knn
 from scproto.model.module import ScProtoModule
 
 log = logging.getLogger(__name__)
@@ -130,12 +132,36 @@ def most_similar_cells(prototypes: np.ndarray, unit: np.ndarray, k: int) -> np.n
     )
 
 
+def nearest_points(latent: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index of the nearest point (Euclidean, exact) of each latent row."""
+    index = faiss.IndexFlatL2(points.shape[1])
+    index.add(np.ascontiguousarray(points, dtype=np.float32))
+    return knn.search(index, np.ascontiguousarray(latent, dtype=np.float32), 1)[1][:, 0]
+
+
+def nearest_cells(points: np.ndarray, latent: np.ndarray, k: int) -> np.ndarray:
+    """Indices (points × k) of the k latent rows nearest (Euclidean) to each point."""
+    index = faiss.IndexFlatL2(latent.shape[1])
+    index.add(np.ascontiguousarray(latent, dtype=np.float32))
+    k = min(k, latent.shape[0])
+    return knn.search(index, np.ascontiguousarray(points, dtype=np.float32), k)[1]
+
+
 def top_similar_labels(
-    latent: np.ndarray, labels: np.ndarray, prototypes: np.ndarray, k: int = 10
+    latent: np.ndarray,
+    labels: np.ndarray,
+    prototypes: np.ndarray,
+    k: int = 10,
+    points: np.ndarray | None = None,
 ) -> tuple[list[str], np.ndarray]:
-    """Majority label among the k cells most similar to each prototype, and its share."""
-    unit = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
-    nearest = most_similar_cells(prototypes, unit, k)
+    """Majority label among the k cells most similar to each prototype, and its share:
+    of highest cosine, or with ``points`` (cells assigned by their nearest point) the k
+    cells nearest to each prototype's point."""
+    if points is not None:
+        nearest = nearest_cells(points, latent, k)
+    else:
+        unit = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
+        nearest = most_similar_cells(prototypes, unit, k)
     results = [majority(labels[rows]) for rows in nearest]
     return [r[0] for r in results], np.array([r[1] for r in results])
 
@@ -185,6 +211,7 @@ def metacells(
     rows: np.ndarray | None = None,
     library_sizes: np.ndarray | None = None,
     study_names: Sequence[str] = (),
+    points: np.ndarray | None = None,
 ) -> ad.AnnData:
     """The K × genes metacell AnnData with one obs row of statistics per prototype.
 
@@ -193,7 +220,9 @@ def metacells(
     rows ``rows`` of ``x`` (so an atlas's model input is not copied to take them).
     ``library_sizes``: every row's raw library size when the input was counts (then the
     members' counts are summed too); ``study_names``: the model's reference studies, each
-    of which gets its decoded profile.
+    of which gets its decoded profile. ``points``: the decoding points when ``prototype``
+    is each cell's nearest one (``model.assignment=point``); None: ``prototype`` is the
+    prototype of highest cosine, and each is decoded at its members' mean μ.
 
     X holds the decoded profiles (model input space), ``layers['normalized']`` them
     normalised; beside them the members' pseudobulk: ``layers['members_normalized']``
@@ -206,7 +235,9 @@ def metacells(
     """
     n_prototypes = module.hparams.n_prototypes
     prototypes = F.normalize(module.prototypes.detach(), dim=1).cpu().numpy()
-    points = decoding_points(latent, prototype, prototypes)
+    assigned_by_point = points is not None
+    if not assigned_by_point:
+        points = decoding_points(latent, prototype, prototypes)
     expression, normalised = decode_prototypes(module, points, n_reference_studies, library_size)
 
     size = np.bincount(prototype, minlength=n_prototypes)
@@ -237,7 +268,9 @@ def metacells(
     if labels is not None:
         categories = label_categories(labels)
         labels = np.asarray(pd.Series(labels).astype(object).where(pd.notna(labels), None))
-        top10, obs["label_top10_confidence"] = top_similar_labels(latent, labels, prototypes)
+        top10, obs["label_top10_confidence"] = top_similar_labels(
+            latent, labels, prototypes, points=points if assigned_by_point else None
+        )
         by_assigned = [majority(labels[prototype == k]) for k in range(n_prototypes)]
         assigned = [label or None for label, _ in by_assigned]
         obs["label_assigned"] = pd.Categorical(assigned, categories=categories)
@@ -265,8 +298,9 @@ def metacells(
     result.obsm["decoding_point"] = points.astype(np.float32)
     result.uns["decoding"] = {
         "condition": "mean of the reference study embeddings",
-        "point": "mean μ of the assigned cells (empty prototypes: the prototype at all cells' "
-        "mean norm)",
+        "point": "mean μ of the cells of highest cosine to the prototype (none: the prototype "
+        "at all cells' mean norm)",
+        "assignment": "nearest point" if assigned_by_point else "highest cosine",
         "library_size": float(library_size),
     }
     return result

@@ -25,7 +25,8 @@ class Registry:
     scproto_version: str = ""
     # Read only: models saved before prototype_points decode the prototype at this norm.
     prototype_norms: list[float] | None = None
-    prototype_points: list[list[float]] | None = None  # where each prototype is decoded
+    # where each prototype is decoded; with model.assignment=point, what cells are assigned to
+    prototype_points: list[list[float]] | None = None
     # reference cells whose nearest prototype each is; query mapping uses the populated ones
     prototype_sizes: list[int] | None = None
     prototype_labels: list[str | None] | None = None  # the label label transfer uses

@@ -22,7 +22,7 @@ from scproto.data.io import read_h5ad
 from scproto.datasets.synthetic import make_synthetic
 from scproto.errors import ScProtoInputError
 from scproto.evaluation import evaluate, read_run, write_metrics
-from scproto.metacells import metacells
+from scproto.metacells import decoding_points, metacells
 from scproto.model.module import SETTING_GROUPS, ScProtoModule
 from scproto.outputs import embedding_anndata
 from scproto.run.checkpoint import (
@@ -129,16 +129,26 @@ def reference_labels(datamodule: ScProtoDataModule) -> np.ndarray | None:
     return datamodule.adata.obs[datamodule.label_key].to_numpy()[datamodule.is_reference]
 
 
-def store_prototype_sizes(model: ScProto, datamodule: ScProtoDataModule) -> None:
-    """How many reference cells take each prototype as their nearest, into the registry,
-    where query mapping reads which prototypes stand for a population."""
+def store_prototype_points(
+    model: ScProto, datamodule: ScProtoDataModule, latent: np.ndarray | None = None
+) -> np.ndarray:
+    """Each prototype's decoding point, the mean μ of the reference cells of highest cosine
+    to it (:func:`decoding_points`), and how many reference cells each prototype takes
+    (by the model's assignment), into the registry; returns the points. Query mapping
+    reads which prototypes stand for a population; every output assigns by the points
+    under ``model.assignment=point``. ``latent``: the reference cells' μ, when known."""
     reference = np.flatnonzero(datamodule.is_reference)
-    latent = model.latent_of(
-        datamodule.x[reference], model.study_codes(datamodule.adata)[reference]
-    )
+    if latent is None:
+        latent = model.latent_of(
+            datamodule.x[reference], model.study_codes(datamodule.adata)[reference]
+        )
+    by_cosine, _ = model.prototype_similarity(latent, assignment="cosine")
+    points = decoding_points(latent, by_cosine, model.get_prototypes())
+    model.registry.prototype_points = points.tolist()
     prototype, _ = model.prototype_similarity(latent)
     n_prototypes = model.module.hparams.n_prototypes
     model.registry.prototype_sizes = np.bincount(prototype, minlength=n_prototypes).tolist()
+    return points
 
 
 def describe_prototypes(
@@ -148,9 +158,10 @@ def describe_prototypes(
     once training is done (train.py and ``ScProto.train``); stores what inference needs
     in the registry."""
     latent = model.latent_of(datamodule.x, model.study_codes(datamodule.adata))
+    reference = datamodule.is_reference
+    points = store_prototype_points(model, datamodule, latent[reference])
     prototype, _ = model.prototype_similarity(latent)
     labels = reference_labels(datamodule)
-    reference = datamodule.is_reference
     adata = datamodule.adata
     table = metacells(
         model.module,
@@ -158,6 +169,7 @@ def describe_prototypes(
         x=datamodule.x,
         rows=np.flatnonzero(reference),
         prototype=prototype[reference],
+        points=points if model.assignment == "point" else None,
         studies=adata.obs[datamodule.batch_key].astype(str).to_numpy()[reference],
         genes=datamodule.spec.genes,
         n_reference_studies=len(datamodule.studies),
@@ -166,8 +178,6 @@ def describe_prototypes(
         library_sizes=datamodule.library_size,
         study_names=datamodule.studies,
     )
-    model.registry.prototype_points = table.obsm["decoding_point"].tolist()
-    model.registry.prototype_sizes = table.obs["n_cells"].astype(int).tolist()
     if labels is not None:
         # The cells a prototype is nearest to speak for the cells it will label; an empty
         # prototype falls back to the label of its 10 most similar cells.
@@ -281,7 +291,7 @@ def fit_and_write(
 
     model = reference_model = ScProto(module)
     if datamodule.query_studies:
-        store_prototype_sizes(model, datamodule)  # the prototypes the query maps onto
+        store_prototype_points(model, datamodule)  # the prototypes the query maps onto
         start = time.perf_counter()
         model = model.map_query(
             datamodule.adata, seed=cfg.seed, x=datamodule.x, counts=datamodule.counts, **cfg.query

@@ -139,6 +139,19 @@ def test_a_checkpoint_from_before_decoder_hidden_dim_loads_with_the_encoders_wid
     torch.testing.assert_close(old.module.cvae.output_head.weight, narrow.cvae.output_head.weight)
 
 
+def test_a_checkpoint_from_before_assignment_assigns_by_cosine(model, tmp_path):
+    """Until 0.3 a cell took the prototype of highest cosine and the setting did not exist."""
+    import torch
+
+    path = model.save(tmp_path / "new.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["hyper_parameters"]["assignment"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = ScProto.load(tmp_path / "old.ckpt")
+    assert old.module.hparams.assignment == "cosine" and old.assignment == "cosine"
+    assert model.assignment == "point"
+
+
 def test_a_checkpoint_of_version_0_1_loads(model, small_adata, tmp_path):
     """0.1 stored the Sinkhorn settings as sinkhorn_iters / hard_assignment."""
     import torch

@@ -10,6 +10,8 @@ from scproto.metacells import (
     decode_prototypes,
     decoding_points,
     majority,
+    nearest_cells,
+    nearest_points,
     pearson_rows,
     top_similar_labels,
 )
@@ -40,6 +42,27 @@ def test_top_similar_labels_takes_the_cells_closest_to_each_prototype():
     names, shares = top_similar_labels(latent, labels, prototypes, k=2)
     assert names == ["x", "y"]
     np.testing.assert_allclose(shares, [1.0, 1.0])
+
+
+def test_nearest_points_and_cells_are_the_euclidean_nearest():
+    rng = np.random.default_rng(0)
+    latent, points = rng.normal(size=(500, 8)), rng.normal(size=(30, 8))
+    distances = ((latent[:, None, :] - points[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(nearest_points(latent, points), distances.argmin(1))
+    found = nearest_cells(points, latent, 5)
+    truth = np.argsort(distances.T, axis=1)[:, :5]
+    np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(truth, axis=1))
+    assert nearest_cells(points, latent[:3], 10).shape == (30, 3)  # k capped at the cells
+
+
+def test_by_points_a_prototype_is_labelled_by_the_cells_nearest_its_point_not_its_direction():
+    """Cells x lie along the prototype's direction but far out; cells y sit at its point."""
+    latent = np.array([[5.0, 0.1], [6.0, -0.1], [1.0, 0.4], [1.1, 0.5], [0.9, 0.45]])
+    labels = np.array(["x", "x", "y", "y", "y"], dtype=object)
+    prototypes, points = np.array([[1.0, 0.0]]), np.array([[1.0, 0.45]])
+    assert top_similar_labels(latent, labels, prototypes, k=2)[0] == ["x"]
+    names, shares = top_similar_labels(latent, labels, prototypes, k=2, points=points)
+    assert names == ["y"] and shares[0] == 1.0
 
 
 def test_pearson_rows():
@@ -148,6 +171,50 @@ def test_metacells_decode_deterministically_and_as_the_run_wrote(run):
     np.testing.assert_allclose(
         np.linalg.norm(written.obsm["decoding_point"], axis=1), written.obs["decoding_norm"]
     )
+
+
+def test_cells_take_the_prototype_of_the_nearest_decoding_point(run, small_adata):
+    """model.assignment=point (the default): every output's prototype is the one whose
+    decoding point is nearest in μ; the points are the means of the cosine members."""
+    path, _ = run
+    model = ScProto.load(path / "checkpoints" / "last.ckpt")
+    assert model.module.hparams.assignment == "point" and model.assignment == "point"
+    latent = model.get_latent_representation(small_adata)
+    points = np.asarray(model.registry.prototype_points)
+    distances = ((latent[:, None, :] - points[None]) ** 2).sum(-1)
+    prototype, similarity = model.assign_prototypes(small_adata)
+    np.testing.assert_array_equal(prototype, distances.argmin(1))
+    unit = latent / np.linalg.norm(latent, axis=1, keepdims=True)
+    np.testing.assert_allclose(
+        similarity, (unit * model.get_prototypes()[prototype]).sum(1), rtol=1e-5, atol=1e-5
+    )
+    by_cosine, _ = model.prototype_similarity(latent, assignment="cosine")
+    assert (by_cosine != prototype).any()  # the two rules differ on this data
+    written = ad.read_h5ad(path / "metacells.h5ad")
+    np.testing.assert_allclose(written.obsm["decoding_point"], points, rtol=1e-6)
+    reference = small_adata.obs["study"].isin(model.registry.reference_studies).to_numpy()
+    np.testing.assert_allclose(
+        points,
+        decoding_points(latent[reference], by_cosine[reference], model.get_prototypes()),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    sizes = np.bincount(prototype[reference], minlength=len(points))
+    np.testing.assert_array_equal(written.obs["n_cells"], sizes)
+
+
+def test_a_model_assigning_by_cosine_takes_the_highest_cosine(run, small_adata):
+    """model.assignment=cosine (the paper's; experiment=immune_scib), and every model
+    saved before the setting existed."""
+    path, _ = run
+    model = ScProto.load(path / "checkpoints" / "last.ckpt")
+    model.module.hparams.assignment = "cosine"
+    latent = model.get_latent_representation(small_adata)
+    unit = latent / np.linalg.norm(latent, axis=1, keepdims=True)
+    prototype, similarity = model.assign_prototypes(small_adata)
+    scores = unit @ model.get_prototypes().T
+    np.testing.assert_array_equal(prototype, scores.argmax(1))
+    np.testing.assert_allclose(similarity, scores.max(1), rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_saved_without_decoding_points_decodes_at_its_prototypes_norms(run):

@@ -264,8 +264,8 @@ def test_mnn_partners_join_each_cells_views_and_the_registry(make_config, small_
 
 
 def test_the_paper_setting_is_one_override_away():
-    """The defaults depart from the paper in two places (L_geometry, 15 neighbours);
-    experiment=immune_scib restores both, as composed for `python train.py` (no test
+    """The defaults depart from the paper (L_geometry, 15 neighbours, the decoder's width,
+    the assignment by decoding point); experiment=immune_scib restores them, as composed for `python train.py` (no test
     shrinking, which would set the neighbours itself)."""
     from hydra import compose, initialize_config_dir
 
@@ -274,3 +274,5 @@ def test_the_paper_setting_is_one_override_away():
         paper = compose(config_name="train", overrides=["experiment=immune_scib"])
     assert (default.data.n_neighbors, default.loss.lambda_geometry) == (15, 5.0)
     assert (paper.data.n_neighbors, paper.loss.lambda_geometry) == (50, 0.0)
+    assert (default.model.decoder_hidden_dim, paper.model.decoder_hidden_dim) == (128, None)
+    assert (default.model.assignment, paper.model.assignment) == ("point", "cosine")

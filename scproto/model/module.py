@@ -18,7 +18,7 @@ from scproto.model.losses import batch_swav_losses, geometry_loss
 from scproto.model.optim import build_optimizer, warmup_cosine
 from scproto.model.prototypes import kmeans_prototypes, reseed_unused
 from scproto.registry import Registry
-from scproto.run.settings import group_defaults
+from scproto.run.settings import check_choice, group_defaults
 
 SETTING_GROUPS = ("model", "loss", "sinkhorn")  # the config groups whose keys are settings here
 
@@ -75,6 +75,7 @@ class ScProtoModule(pl.LightningModule):
             raise ScProtoInputError(
                 f"prototype_init must be 'random' or 'kmeans', got {settings['prototype_init']!r}"
             )
+        check_choice("model.assignment", settings["assignment"])
         self.save_hyperparameters(
             {
                 "n_genes": n_genes,

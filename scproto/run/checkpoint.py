@@ -86,6 +86,8 @@ def stored_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
     settings = {RENAMED_SETTINGS.get(k, k): v for k, v in saved.items()}
     # before 0.3 the decoder was as wide as the encoder
     settings.setdefault("decoder_hidden_dim", settings.get("hidden_dim"))
+    # before 0.3 a cell took the prototype of highest cosine
+    settings.setdefault("assignment", "cosine")
     return settings
 
 

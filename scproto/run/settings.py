@@ -42,6 +42,7 @@ def _group_config(group: str) -> DictConfig:
 CHOICES = {
     "model.likelihood": ("mse", "nb"),
     "model.prototype_init": ("random", "kmeans"),
+    "model.assignment": ("point", "cosine"),
     "data.neighbor_weighting": ("uniform", "distance"),
     "data.hvg_flavor": ("seurat", "seurat_v3", "cell_ranger"),
     "loss.group_by": ("anchor", "majority"),

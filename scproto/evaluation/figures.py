@@ -14,7 +14,7 @@ import pandas as pd
 import scanpy as sc
 from matplotlib.lines import Line2D
 
-from scproto.metacells import most_similar_cells
+from scproto.metacells import most_similar_cells, nearest_cells
 from scproto.run.directory import atomic_path
 
 DPI = 150
@@ -73,15 +73,20 @@ def umap_coordinates(points: np.ndarray, n_neighbors: int = 15, seed: int = 0) -
 
 
 def place_prototypes(
-    cell_xy: np.ndarray, cells_unit: np.ndarray, prototypes: np.ndarray
+    cell_xy: np.ndarray, latent: np.ndarray, prototypes: np.ndarray, points: np.ndarray | None
 ) -> np.ndarray:
-    """Each prototype at the 2-D position of its most similar cell (cosine).
+    """Each prototype at the 2-D position of the cell nearest its decoding point in μ (the
+    point cells are assigned to), or of its most similar cell (cosine) for a run written
+    without the points.
 
     UMAP cannot place new points without its own kNN index; embedding prototypes together
     with the cells pulls them into clumps of their own at the clusters' edges, and the mean
     position of several similar cells can fall between two islands.
     """
-    return cell_xy[most_similar_cells(prototypes, cells_unit, 1)[:, 0]]  # blocks of prototypes
+    if points is not None:
+        return cell_xy[nearest_cells(points, latent, 1)[:, 0]]
+    unit = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
+    return cell_xy[most_similar_cells(prototypes, unit, 1)[:, 0]]  # blocks of prototypes
 
 
 def _categorical_panel(ax, xy, values: pd.Series, title: str, colours: dict[str, str]) -> None:

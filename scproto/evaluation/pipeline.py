@@ -214,7 +214,13 @@ class Evaluation:
         table = inputs.metacells.obs
         in_use = ~table["is_empty"].to_numpy()
         cell_xy = figures.umap_coordinates(unit, settings.umap_neighbors, self.seed)
-        prototype_xy = figures.place_prototypes(cell_xy, unit, inputs.prototypes[in_use])
+        points = inputs.metacells.obsm.get("decoding_point")
+        prototype_xy = figures.place_prototypes(
+            cell_xy,
+            inputs.latent[cells],
+            inputs.prototypes[in_use],
+            None if points is None else np.asarray(points)[in_use],
+        )
         obs = inputs.obs.iloc[cells]
         labels = None if inputs.label_key is None else obs[inputs.label_key]
         self.figure(

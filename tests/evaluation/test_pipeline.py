@@ -183,3 +183,16 @@ def _expression(run_dir: Path):
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     return ScProto.load(run_dir / "checkpoints" / "last.ckpt").model_input(load_data(cfg.data))
+
+
+def test_a_prototype_is_drawn_at_the_cell_nearest_its_decoding_point():
+    """Cell 2 is nearest the point; cell 0 has the prototype's direction but lies far out."""
+    import numpy as np
+
+    from scproto.evaluation.figures import place_prototypes
+
+    latent = np.array([[5.0, 0.0], [0.0, 1.0], [1.0, 0.3]])
+    cell_xy = np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]])
+    prototypes, points = np.array([[1.0, 0.0]]), np.array([[1.0, 0.4]])
+    np.testing.assert_array_equal(place_prototypes(cell_xy, latent, prototypes, points), [[30, 30]])
+    np.testing.assert_array_equal(place_prototypes(cell_xy, latent, prototypes, None), [[10, 10]])

@@ -556,9 +556,10 @@ class ScProto:
         """Each latent row's prototype (by ``assignment``, the model's by default) and the
         cosine similarity to it.
 
-        Training's SwAV scores cells by cosine, but L_geometry keeps distances in μ, whose
-        norms vary: near the centre of the cloud a cell's direction is a poor guide to its
-        population, and its nearest metacell a better one (benchmarks/table1/README.md)."""
+        Training's SwAV scores cells by cosine, whose region for a prototype is a cone from
+        the origin holding cells of every norm; L_geometry keeps distances in μ, so cells
+        of one cone can lie far apart. The nearest decoding point splits μ into compact
+        regions around the metacells instead (benchmarks/table1/README.md)."""
         assignment = assignment or self.assignment
         scores = self.module.scores(torch.from_numpy(latent).to(self.module.device))
         if assignment == "cosine":

@@ -27,7 +27,7 @@ from scproto.data.preprocess import (
     source_matrix,
 )
 from scproto.errors import ScProtoInputError
-from scproto.metacells import decode_prototypes, nearest_points, prototype_names
+from scproto.metacells import decode_prototypes, nearest_rows, prototype_names
 from scproto.model.module import SETTING_GROUPS as MODULE_SETTING_GROUPS
 from scproto.model.module import ScProtoModule
 from scproto.query import expand_studies, mapping_targets, train_new_rows
@@ -560,14 +560,14 @@ class ScProto:
         the origin holding cells of every norm; L_geometry keeps distances in μ, so cells
         of one cone can lie far apart. The nearest decoding point splits μ into compact
         regions around the metacells instead (benchmarks/table1/README.md)."""
-        assignment = assignment or self.assignment
-        scores = self.module.scores(torch.from_numpy(latent).to(self.module.device))
-        if assignment == "cosine":
+        if (assignment or self.assignment) == "cosine":
+            scores = self.module.scores(torch.from_numpy(latent).to(self.module.device))
             similarity, prototype = scores.max(dim=1)
             return prototype.cpu().numpy(), similarity.cpu().numpy()
-        prototype = nearest_points(latent, np.asarray(self.registry.prototype_points))
-        similarity = scores.gather(1, torch.from_numpy(prototype).to(scores.device)[:, None])
-        return prototype, similarity[:, 0].cpu().numpy()
+        prototype = nearest_rows(latent, np.asarray(self.registry.prototype_points), 1)[:, 0]
+        # the cosine to the one prototype each row takes: no rows × K score matrix
+        unit = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
+        return prototype, (unit * self.get_prototypes()[prototype]).sum(axis=1)
 
     def assign_prototypes(
         self, adata: ad.AnnData | None = None, layer: str | None = None

@@ -5,7 +5,6 @@ import logging
 from collections.abc import Sequence
 
 import anndata as ad
-import faiss
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -132,19 +131,14 @@ def most_similar_cells(prototypes: np.ndarray, unit: np.ndarray, k: int) -> np.n
     )
 
 
-def nearest_points(latent: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Index of the nearest point (Euclidean, exact) of each latent row."""
-    index = faiss.IndexFlatL2(points.shape[1])
-    index.add(np.ascontiguousarray(points, dtype=np.float32))
-    return knn.search(index, np.ascontiguousarray(latent, dtype=np.float32), 1)[1][:, 0]
-
-
-def nearest_cells(points: np.ndarray, latent: np.ndarray, k: int) -> np.ndarray:
-    """Indices (points × k) of the k latent rows nearest (Euclidean) to each point."""
-    index = faiss.IndexFlatL2(latent.shape[1])
-    index.add(np.ascontiguousarray(latent, dtype=np.float32))
-    k = min(k, latent.shape[0])
-    return knn.search(index, np.ascontiguousarray(points, dtype=np.float32), k)[1]
+def nearest_rows(queries: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Indices (queries × k, nearest first) of the k ``rows`` nearest (Euclidean, exact) to
+    each query; k is capped at the number of rows."""
+    index = knn.build_index(
+        np.ascontiguousarray(rows, dtype=np.float32), kind="exact", seed=0, nprobe=1
+    )
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    return knn.search(index, queries, min(k, len(rows)))[1]
 
 
 def top_similar_labels(
@@ -158,7 +152,7 @@ def top_similar_labels(
     of highest cosine, or with ``points`` (cells assigned by their nearest point) the k
     cells nearest to each prototype's point."""
     if points is not None:
-        nearest = nearest_cells(points, latent, k)
+        nearest = nearest_rows(points, latent, k)
     else:
         unit = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
         nearest = most_similar_cells(prototypes, unit, k)

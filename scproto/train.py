@@ -129,26 +129,28 @@ def reference_labels(datamodule: ScProtoDataModule) -> np.ndarray | None:
     return datamodule.adata.obs[datamodule.label_key].to_numpy()[datamodule.is_reference]
 
 
-def store_prototype_points(
-    model: ScProto, datamodule: ScProtoDataModule, latent: np.ndarray | None = None
-) -> np.ndarray:
-    """Each prototype's decoding point, the mean μ of the reference cells of highest cosine
-    to it (:func:`decoding_points`), and how many reference cells each prototype takes
-    (by the model's assignment), into the registry; returns the points. Query mapping
-    reads which prototypes stand for a population; every output assigns by the points
-    under ``model.assignment=point``. ``latent``: the reference cells' μ, when known."""
-    reference = np.flatnonzero(datamodule.is_reference)
-    if latent is None:
-        latent = model.latent_of(
-            datamodule.x[reference], model.study_codes(datamodule.adata)[reference]
-        )
+def store_decoding_points(model: ScProto, latent: np.ndarray) -> np.ndarray:
+    """Each prototype's decoding point, the mean μ of the reference cells (``latent``) of
+    highest cosine to it (:func:`decoding_points`), into the registry; returned. With
+    ``model.assignment=point`` every output assigns cells by these points."""
     by_cosine, _ = model.prototype_similarity(latent, assignment="cosine")
     points = decoding_points(latent, by_cosine, model.get_prototypes())
     model.registry.prototype_points = points.tolist()
+    return points
+
+
+def store_prototype_points(model: ScProto, datamodule: ScProtoDataModule) -> None:
+    """The decoding points and how many reference cells each prototype takes (by the
+    model's assignment), into the registry, where query mapping reads which prototypes
+    stand for a population."""
+    reference = np.flatnonzero(datamodule.is_reference)
+    latent = model.latent_of(
+        datamodule.x[reference], model.study_codes(datamodule.adata)[reference]
+    )
+    store_decoding_points(model, latent)
     prototype, _ = model.prototype_similarity(latent)
     n_prototypes = model.module.hparams.n_prototypes
     model.registry.prototype_sizes = np.bincount(prototype, minlength=n_prototypes).tolist()
-    return points
 
 
 def describe_prototypes(
@@ -159,7 +161,9 @@ def describe_prototypes(
     in the registry."""
     latent = model.latent_of(datamodule.x, model.study_codes(datamodule.adata))
     reference = datamodule.is_reference
-    points = store_prototype_points(model, datamodule, latent[reference])
+    points = None  # by cosine, the metacell table takes its members' means itself
+    if model.module.hparams.assignment == "point":
+        points = store_decoding_points(model, latent[reference])
     prototype, _ = model.prototype_similarity(latent)
     labels = reference_labels(datamodule)
     adata = datamodule.adata
@@ -169,7 +173,7 @@ def describe_prototypes(
         x=datamodule.x,
         rows=np.flatnonzero(reference),
         prototype=prototype[reference],
-        points=points if model.assignment == "point" else None,
+        points=points,
         studies=adata.obs[datamodule.batch_key].astype(str).to_numpy()[reference],
         genes=datamodule.spec.genes,
         n_reference_studies=len(datamodule.studies),
@@ -178,6 +182,8 @@ def describe_prototypes(
         library_sizes=datamodule.library_size,
         study_names=datamodule.studies,
     )
+    model.registry.prototype_points = table.obsm["decoding_point"].tolist()
+    model.registry.prototype_sizes = table.obs["n_cells"].astype(int).tolist()
     if labels is not None:
         # The cells a prototype is nearest to speak for the cells it will label; an empty
         # prototype falls back to the label of its 10 most similar cells.

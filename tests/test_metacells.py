@@ -10,8 +10,7 @@ from scproto.metacells import (
     decode_prototypes,
     decoding_points,
     majority,
-    nearest_cells,
-    nearest_points,
+    nearest_rows,
     pearson_rows,
     top_similar_labels,
 )
@@ -48,11 +47,11 @@ def test_nearest_points_and_cells_are_the_euclidean_nearest():
     rng = np.random.default_rng(0)
     latent, points = rng.normal(size=(500, 8)), rng.normal(size=(30, 8))
     distances = ((latent[:, None, :] - points[None]) ** 2).sum(-1)
-    np.testing.assert_array_equal(nearest_points(latent, points), distances.argmin(1))
-    found = nearest_cells(points, latent, 5)
+    np.testing.assert_array_equal(nearest_rows(latent, points, 1)[:, 0], distances.argmin(1))
+    found = nearest_rows(points, latent, 5)
     truth = np.argsort(distances.T, axis=1)[:, :5]
     np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(truth, axis=1))
-    assert nearest_cells(points, latent[:3], 10).shape == (30, 3)  # k capped at the cells
+    assert nearest_rows(points, latent[:3], 10).shape == (30, 3)  # k capped at the cells
 
 
 def test_by_points_a_prototype_is_labelled_by_the_cells_nearest_its_point_not_its_direction():

@@ -14,7 +14,7 @@ import pandas as pd
 import scanpy as sc
 from matplotlib.lines import Line2D
 
-from scproto.metacells import most_similar_cells, nearest_cells
+from scproto.metacells import most_similar_cells, nearest_rows
 from scproto.run.directory import atomic_path
 
 DPI = 150
@@ -84,7 +84,7 @@ def place_prototypes(
     position of several similar cells can fall between two islands.
     """
     if points is not None:
-        return cell_xy[nearest_cells(points, latent, 1)[:, 0]]
+        return cell_xy[nearest_rows(points, latent, 1)[:, 0]]
     unit = latent / np.linalg.norm(latent, axis=1, keepdims=True).clip(1e-12)
     return cell_xy[most_similar_cells(prototypes, unit, 1)[:, 0]]  # blocks of prototypes
 

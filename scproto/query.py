@@ -136,7 +136,10 @@ def query_views(
     ``mnn_slots`` columns of mutual nearest neighbours in other studies, the reference's
     included (:func:`graph.pca_neighbors`; this k replaces the training's
     ``mnn_neighbors``)."""
+    saved_before_scaling = settings is not None and "pca_scaling" not in settings
     settings = {**group_defaults("data"), **(settings or {})}
+    if saved_before_scaling:  # a model saved before data.pca_scaling: its graph was unscaled
+        settings["pca_scaling"] = "none"
     paired = reference is not None and len(reference) > 0 and mnn_neighbors > 0
     n_query = len(cells)
     if paired:
@@ -155,6 +158,7 @@ def query_views(
         groups=study[cells],
         mnn_neighbors=mnn_neighbors,
         mnn_slots=settings["mnn_slots"],
+        scaling=settings["pca_scaling"],
     )
     pca = None
     if with_geometry:

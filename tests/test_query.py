@@ -303,3 +303,24 @@ def test_an_epoch_of_a_paired_mapping_is_as_long_as_the_query_alone():
     x = sp.csr_matrix(np.ones((1000, 3), np.float32))
     batches = view_batches(views, x, np.zeros(1000, np.int64), None, 100, module, seed=0)
     assert len(list(batches(0))) == 3
+
+
+def test_query_views_scale_the_pca_as_the_model_was_trained():
+    """The model's data.pca_scaling builds the query graph; a model saved before the
+    setting existed had an unscaled graph, and keeps it."""
+    import scipy.sparse as sp
+
+    from scproto.query import query_views
+
+    rng = np.random.default_rng(2)
+    x = sp.csr_matrix(
+        np.abs(rng.normal(size=(120, 30)) * rng.uniform(0.1, 5, 30)).astype(np.float32)
+    )
+    study = np.repeat([3, 4], 60)
+    cells = np.arange(120)
+    base = {"n_pcs": 8, "n_neighbors": 6}
+    older = query_views(x, cells, study, base, with_geometry=False)
+    plain = query_views(x, cells, study, {**base, "pca_scaling": "none"}, with_geometry=False)
+    scaled = query_views(x, cells, study, {**base, "pca_scaling": "study"}, with_geometry=False)
+    np.testing.assert_array_equal(older.neighbors, plain.neighbors)
+    assert (scaled.neighbors != plain.neighbors).any()

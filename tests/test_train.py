@@ -240,12 +240,41 @@ def test_the_paper_loss_makes_no_per_study_pca(make_config, small_adata):
     assert paper.geometry_pcs == 0 and default.geometry_pcs == 10
 
 
-def test_mnn_partners_join_each_cells_views_and_the_registry(make_config, small_adata):
-    """data.mnn_neighbors widens every reference cell's neighbour list by data.mnn_slots
-    columns, mostly cells of other studies; query mapping reads the same settings."""
+def test_the_graphs_pca_scales_genes_within_each_study_unless_told_not_to(make_config, small_adata):
+    """data.pca_scaling=study (the default) builds the graph on each gene scaled within its
+    study; `none` is the PCA of the log data as it is. The registry keeps the setting for
+    query mapping."""
+    from scproto.data import graph
     from scproto.train import build_datamodule
 
     settings = ("data=h5ad", "data.batch_key=study", "data.n_top_genes=200")
+    scaled = build_datamodule(make_config(*settings), small_adata, inplace=False)
+    plain = build_datamodule(
+        make_config(*settings, "data.pca_scaling=none"), small_adata, inplace=False
+    )
+    scaled.setup(), plain.setup()
+    assert scaled.registry.view_settings["pca_scaling"] == "study"
+    assert plain.registry.view_settings["pca_scaling"] == "none"
+    rows = plain.train_index
+    by_hand, _, _ = graph.pca_neighbors(
+        plain.x, rows, n_pcs=plain.n_pcs, n_neighbors=15, seed=plain.seed
+    )
+    np.testing.assert_array_equal(plain.neighbors, by_hand)
+    assert (scaled.neighbors != plain.neighbors).any()
+
+
+def test_mnn_partners_join_each_cells_views_and_the_registry(make_config, small_adata):
+    """data.mnn_neighbors widens every reference cell's neighbour list by data.mnn_slots
+    columns, mostly cells of other studies; query mapping reads the same settings. On the
+    unscaled PCA the study effect keeps a cell's plain neighbours in its own study."""
+    from scproto.train import build_datamodule
+
+    settings = (
+        "data=h5ad",
+        "data.batch_key=study",
+        "data.n_top_genes=200",
+        "data.pca_scaling=none",
+    )
     plain = build_datamodule(make_config(*settings), small_adata, inplace=False)
     wider = build_datamodule(
         make_config(*settings, "data.mnn_neighbors=5", "data.mnn_slots=3"),
@@ -265,7 +294,7 @@ def test_mnn_partners_join_each_cells_views_and_the_registry(make_config, small_
 
 def test_the_paper_setting_is_one_override_away():
     """The defaults depart from the paper (L_geometry, 15 neighbours, the decoder's width,
-    the assignment by decoding point); experiment=immune_scib restores them, as composed for `python train.py` (no test
+    the assignment by decoding point, the scaled PCA of the graph); experiment=immune_scib restores them, as composed for `python train.py` (no test
     shrinking, which would set the neighbours itself)."""
     from hydra import compose, initialize_config_dir
 
@@ -276,3 +305,4 @@ def test_the_paper_setting_is_one_override_away():
     assert (paper.data.n_neighbors, paper.loss.lambda_geometry) == (50, 0.0)
     assert (default.model.decoder_hidden_dim, paper.model.decoder_hidden_dim) == (128, None)
     assert (default.model.assignment, paper.model.assignment) == ("point", "cosine")
+    assert (default.data.pca_scaling, paper.data.pca_scaling) == ("study", "none")

@@ -38,6 +38,7 @@ from scproto.data.preprocess import (
 from scproto.data.views import ViewBatchSampler, ViewRows, identity_collate, neighbor_probabilities
 from scproto.errors import ScProtoInputError
 from scproto.registry import Registry
+from scproto.run.settings import check_choice
 from scproto.timing import timed
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ScProtoDataModule(pl.LightningDataModule):
         n_neighbors: int = 15,
         mnn_neighbors: int = 0,
         mnn_slots: int = 5,
+        pca_scaling: str = "study",
         pca_max_cells: int | None = PCA_MAX_CELLS,
         knn_index: str = "auto",
         knn_approximate_above: int | None = 200_000,
@@ -132,6 +134,8 @@ class ScProtoDataModule(pl.LightningDataModule):
         self.hvg_max_cells = hvg_max_cells
         self.n_pcs, self.n_neighbors = n_pcs, n_neighbors
         self.mnn_neighbors, self.mnn_slots = mnn_neighbors, mnn_slots
+        check_choice("data.pca_scaling", pca_scaling)
+        self.pca_scaling = pca_scaling
         self.geometry_pcs, self.geometry_smoothing = geometry_pcs, geometry_smoothing
         self.pca_max_cells = pca_max_cells
         self.knn_index = knn_index
@@ -348,6 +352,8 @@ class ScProtoDataModule(pl.LightningDataModule):
         }
         if self.mnn_neighbors:  # keys only when on: the graphs cached before stay valid
             settings |= {"mnn_neighbors": self.mnn_neighbors, "mnn_slots": self.mnn_slots}
+        if self.pca_scaling != "none":
+            settings |= {"pca_scaling": self.pca_scaling}
         key = knn.data_fingerprint(x, rows, settings) if self.cache_dir else None
         cached = knn.load_cached(self.cache_dir, key)
         if cached is not None:
@@ -368,6 +374,7 @@ class ScProtoDataModule(pl.LightningDataModule):
                 groups=self.study_codes[rows],
                 mnn_neighbors=self.mnn_neighbors,
                 mnn_slots=self.mnn_slots,
+                scaling=self.pca_scaling,
             )
         if kind != "exact":
             log.info(
@@ -409,6 +416,7 @@ class ScProtoDataModule(pl.LightningDataModule):
             likelihood=self.likelihood,
             view_settings={  # query mapping builds the query cells' views the same way
                 "n_pcs": self.n_pcs,
+                "pca_scaling": self.pca_scaling,
                 "n_neighbors": self.n_neighbors,
                 "mnn_neighbors": self.mnn_neighbors,
                 "mnn_slots": self.mnn_slots,

@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scproto.data import knn
-from scproto.data.preprocess import PCA_MAX_CELLS, randomized_pca
+from scproto.data.preprocess import PCA_MAX_CELLS, gene_scaling, randomized_pca
 
 
 def pca_neighbors(
@@ -23,6 +23,7 @@ def pca_neighbors(
     groups: np.ndarray | None = None,
     mnn_neighbors: int = 0,
     mnn_slots: int = 0,
+    scaling: str = "none",
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """The ``n_neighbors`` nearest rows (positions within ``rows``) of each of ``x[rows]``
     on its top ``n_pcs`` components, their squared distances and the search's recall.
@@ -35,11 +36,22 @@ def pca_neighbors(
     (:func:`knn.mutual_neighbors`). A study effect puts a cell's PCA neighbours in its
     own study; these cross-study views give SwAV pairs of the same population across
     studies to agree on, beside the per-study balance of its codes.
+
+    ``scaling``: the PCA is of the log data as it is (``none``, the paper's), of every gene
+    scaled to unit variance over all rows (``all``) or within each of ``groups`` (``study``),
+    clipped at ±10 (:func:`~scproto.data.preprocess.gene_scaling`).
     """
     rows = np.asarray(rows)
     if len(rows) < 2:
         return np.zeros((len(rows), 1), np.int64), np.zeros((len(rows), 1), np.float32), 1.0
-    coordinates = randomized_pca(x, n_pcs, seed=seed, rows=rows, max_fit_cells=pca_max_cells)
+    coordinates = randomized_pca(
+        x,
+        n_pcs,
+        seed=seed,
+        rows=rows,
+        max_fit_cells=pca_max_cells,
+        scaling=scaling_of(x, rows, groups, scaling),
+    )
     k = min(n_neighbors, len(rows) - 1)
     neighbors, distances, recall = knn.knn_graph(
         coordinates, k, kind=kind, seed=seed, nprobe=nprobe, min_recall=min_recall
@@ -50,6 +62,20 @@ def pca_neighbors(
             neighbors, distances, coordinates, partners, mnn_slots, seed=seed
         )
     return neighbors, distances, recall
+
+
+def scaling_of(x: sp.csr_matrix, rows: np.ndarray, groups: np.ndarray | None, scaling: str):
+    """The ``data.pca_scaling`` setting as a :class:`~scproto.data.preprocess.GeneScaling`
+    of ``x[rows]`` (None for ``none``)."""
+    if scaling == "none":
+        return None
+    if scaling == "all":
+        return gene_scaling(x, rows, np.zeros(len(rows), np.int64))
+    if scaling == "study":
+        if groups is None:
+            raise ValueError("scaling='study' needs the study of every row (groups)")
+        return gene_scaling(x, rows, groups)
+    raise ValueError(f"scaling must be 'none', 'all' or 'study', not {scaling!r}")
 
 
 def study_pca(

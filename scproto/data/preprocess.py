@@ -144,6 +144,69 @@ def highly_variable_genes(
 HVG_MAX_CELLS = 200_000  # HVGs chosen from a random subsample this large (data.hvg_max_cells)
 PROJECT_BLOCK_ROWS = 131_072  # rows projected onto the components at a time
 PCA_MAX_CELLS = 200_000  # above this the components are fitted on a subsample (data.pca_max_cells)
+SCALE_MAX_VALUE = 10.0  # scaled values clipped here, as sc.pp.scale(max_value=10)
+SCALE_BLOCK_ROWS = 16_384  # scaled rows made dense at a time
+
+
+@dataclass(frozen=True)
+class GeneScaling:
+    """Each gene centred and scaled to unit variance within each group of rows (study), then
+    clipped at ±``max_value``: ``sc.pp.scale(max_value=10)`` on every study alone (scIB's
+    ``scale_batch``), made dense one block of rows at a time so a sparse atlas never is whole.
+
+    Without it the PCA is ruled by the few genes of largest variance, which a study effect
+    inflates; scaled, a handful of marker genes of a rare population count as much as any.
+    """
+
+    group: np.ndarray  # each matrix row's group (-1: a row the statistics did not see)
+    mean: np.ndarray  # groups × genes
+    inverse_sd: np.ndarray  # groups × genes; 0 for a gene constant in the group
+    max_value: float = SCALE_MAX_VALUE
+
+    def rows(self, matrix: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+        """``matrix[rows]`` scaled, dense float32."""
+        group = self.group[rows]
+        block = np.asarray(matrix[rows].toarray(), dtype=np.float32)
+        block -= self.mean[group]
+        block *= self.inverse_sd[group]
+        return np.clip(block, -self.max_value, self.max_value, out=block)
+
+
+def gene_scaling(
+    matrix: sp.csr_matrix,
+    rows: np.ndarray,
+    groups: np.ndarray,
+    *,
+    max_value: float = SCALE_MAX_VALUE,
+) -> GeneScaling:
+    """The :class:`GeneScaling` of ``matrix[rows]`` with ``groups`` (one per row): each
+    group's gene means and standard deviations (with Bessel's correction, as scanpy)."""
+    rows = np.asarray(rows)
+    codes, group_of_row = np.unique(np.asarray(groups), return_inverse=True)
+    n_genes = matrix.shape[1]
+    sums = np.zeros((len(codes), n_genes))
+    squares = np.zeros((len(codes), n_genes))
+    for start in range(0, rows.size, PROJECT_BLOCK_ROWS):
+        block = slice(start, start + PROJECT_BLOCK_ROWS)
+        values = matrix[rows[block]]
+        indicator = sp.csr_matrix(
+            (np.ones(values.shape[0]), (group_of_row[block], np.arange(values.shape[0]))),
+            shape=(len(codes), values.shape[0]),
+        )
+        sums += np.asarray((indicator @ values).todense())
+        squares += np.asarray((indicator @ values.multiply(values)).todense())
+    counts = np.bincount(group_of_row, minlength=len(codes))[:, None].astype(np.float64)
+    mean = sums / counts
+    variance = np.maximum(squares / counts - mean**2, 0) * counts / np.maximum(counts - 1, 1)
+    sd = np.sqrt(variance)
+    group = np.full(matrix.shape[0], -1, dtype=np.int64)
+    group[rows] = group_of_row
+    return GeneScaling(
+        group,
+        mean.astype(np.float32),
+        np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 0).astype(np.float32),
+        max_value,
+    )
 
 
 def randomized_pca(
@@ -153,6 +216,7 @@ def randomized_pca(
     seed: int,
     rows: np.ndarray | None = None,
     max_fit_cells: int | None = None,
+    scaling: GeneScaling | None = None,
     n_oversamples: int = 10,
     n_iter: int = 4,
 ) -> np.ndarray:
@@ -164,23 +228,57 @@ def randomized_pca(
     are fitted on a random subsample of that size, then every row is projected: the top
     components of a large atlas are settled long before a million cells, and the products
     over all cells (scipy runs them on one core) were most of the PCA's time.
+    With ``scaling`` the PCA is of the scaled rows (:class:`GeneScaling`), which each
+    product makes dense block by block.
     """
     rows = np.arange(matrix.shape[0]) if rows is None else np.asarray(rows)
     rng = np.random.default_rng(seed)
     fit_rows = rows
     if max_fit_cells is not None and rows.size > max_fit_cells:
         fit_rows = np.sort(rng.choice(rows, max_fit_cells, replace=False))
-    fit = matrix[fit_rows] if fit_rows.size < matrix.shape[0] else matrix
-    n_cells, n_genes = fit.shape
-    n_components = min(n_components, n_cells - 1, n_genes)
+    n_genes = matrix.shape[1]
+    n_components = min(n_components, fit_rows.size - 1, n_genes)
     rank = min(n_components + n_oversamples, n_genes)
-    mean = np.asarray(fit.mean(axis=0), dtype=np.float64).ravel().astype(np.float32)
+    if scaling is None:
+        fit = matrix[fit_rows] if fit_rows.size < matrix.shape[0] else matrix
+        block_rows = PROJECT_BLOCK_ROWS
+
+        def product(v: np.ndarray) -> np.ndarray:  # X v
+            return fit @ v
+
+        def transpose_product(u: np.ndarray) -> np.ndarray:  # Xᵀ u; Xᵀ is a CSC view, no copy
+            return fit.T @ u
+
+        def values(block: np.ndarray) -> sp.csr_matrix:
+            return matrix[block]
+
+        mean = np.asarray(fit.mean(axis=0), dtype=np.float64).ravel().astype(np.float32)
+    else:
+        block_rows = SCALE_BLOCK_ROWS
+        blocks = [fit_rows[i : i + block_rows] for i in range(0, fit_rows.size, block_rows)]
+
+        def product(v: np.ndarray) -> np.ndarray:
+            return np.concatenate([scaling.rows(matrix, block) @ v for block in blocks])
+
+        def transpose_product(u: np.ndarray) -> np.ndarray:
+            starts = np.cumsum([0] + [block.size for block in blocks])
+            return sum(
+                scaling.rows(matrix, block).T @ u[start : start + block.size]
+                for block, start in zip(blocks, starts[:-1], strict=True)
+            )
+
+        def values(block: np.ndarray) -> np.ndarray:
+            return scaling.rows(matrix, block)
+
+        # clipping leaves the scaled values' mean a little off zero
+        mean = transpose_product(np.ones((fit_rows.size, 1), np.float32)).ravel() / fit_rows.size
+        mean = mean.astype(np.float32)
 
     def times(v: np.ndarray) -> np.ndarray:  # (X − 1μᵀ) v
-        return fit @ v - mean @ v
+        return product(v) - mean @ v
 
-    def transpose_times(u: np.ndarray) -> np.ndarray:  # (X − 1μᵀ)ᵀ u; Xᵀ is a CSC view, no copy
-        return fit.T @ u - np.outer(mean, u.sum(axis=0))
+    def transpose_times(u: np.ndarray) -> np.ndarray:  # (X − 1μᵀ)ᵀ u
+        return transpose_product(u) - np.outer(mean, u.sum(axis=0))
 
     basis, _ = np.linalg.qr(times(rng.standard_normal((n_genes, rank), dtype=np.float32)))
     for _ in range(n_iter):
@@ -190,9 +288,9 @@ def randomized_pca(
     components = components[:n_components].T.astype(np.float32)  # genes × components
     offset = mean @ components
     coordinates = np.empty((rows.size, n_components), dtype=np.float32)
-    for start in range(0, rows.size, PROJECT_BLOCK_ROWS):
-        block = rows[start : start + PROJECT_BLOCK_ROWS]
-        coordinates[start : start + block.size] = matrix[block] @ components - offset
+    for start in range(0, rows.size, block_rows):
+        block = rows[start : start + block_rows]
+        coordinates[start : start + block.size] = values(block) @ components - offset
     # Sign convention so results do not flip with BLAS: the largest |coordinate| of each component is positive.
     signs = np.sign(coordinates[np.abs(coordinates).argmax(axis=0), np.arange(n_components)])
     return coordinates * signs

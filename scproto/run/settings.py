@@ -44,6 +44,7 @@ CHOICES = {
     "model.prototype_init": ("random", "kmeans"),
     "model.assignment": ("point", "cosine"),
     "data.neighbor_weighting": ("uniform", "distance"),
+    "data.pca_scaling": ("study", "all", "none"),
     "data.hvg_flavor": ("seurat", "seurat_v3", "cell_ranger"),
     "loss.group_by": ("anchor", "majority"),
     "query.objective": ("scproto", "cvae"),

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from scproto.data import graph
@@ -59,3 +60,34 @@ def test_each_group_is_on_its_own_pca():
     for g in (0, 1):
         own = randomized_pca(x, 4, seed=0, rows=rows[groups == g])
         np.testing.assert_allclose(pca[groups == g], own, rtol=1e-5, atol=1e-5)
+
+
+def test_scaled_pca_finds_populations_that_a_few_high_variance_genes_hide():
+    """Two populations differ in 5 genes of small variance; 40 genes of large variance
+    carry only noise, and more of it in the second study. On the log data as is the
+    graph mixes the populations; with every gene scaled (within each study) it does not."""
+    rng = np.random.default_rng(0)
+    n = 400
+    population = np.arange(n) % 2
+    study = (np.arange(n) // 2) % 2
+    markers = population[:, None] * 1.0 + rng.normal(0, 0.3, (n, 5))
+    noise = rng.normal(0, 5, (n, 40)) * (1 + study[:, None])
+    x = sp.csr_matrix(np.hstack([markers, noise]).astype(np.float32))
+    rows = np.arange(n)
+
+    def purity(scaling):
+        neighbors, _, _ = graph.pca_neighbors(
+            x, rows, n_pcs=3, n_neighbors=10, groups=study, scaling=scaling
+        )
+        return (population[neighbors] == population[:, None]).mean()
+
+    assert purity("none") < 0.65
+    assert purity("all") > 0.9 and purity("study") > 0.9
+
+
+def test_study_scaling_needs_the_studies():
+    x, _ = blobs()
+    with pytest.raises(ValueError, match="groups"):
+        graph.pca_neighbors(x, np.arange(30), n_pcs=3, n_neighbors=5, scaling="study")
+    with pytest.raises(ValueError, match="scaling must be"):
+        graph.pca_neighbors(x, np.arange(30), n_pcs=3, n_neighbors=5, scaling="yes")

@@ -3,7 +3,13 @@ import pytest
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from scproto.data.preprocess import log_normalized, looks_like_counts, randomized_pca, select_genes
+from scproto.data.preprocess import (
+    gene_scaling,
+    log_normalized,
+    looks_like_counts,
+    randomized_pca,
+    select_genes,
+)
 from scproto.errors import ScProtoInputError
 
 
@@ -94,3 +100,42 @@ def test_hvgs_of_chosen_rows_equal_those_of_the_sliced_matrix():
     chosen = highly_variable_genes(matrix, names, n_top_genes=30, flavor="seurat", rows=rows)
     assert chosen == highly_variable_genes(matrix[rows], names, n_top_genes=30, flavor="seurat")
     assert len(chosen) == 30
+
+
+def scaled_by_scanpy(dense, groups, max_value=10.0):
+    import anndata as ad
+    import scanpy as sc
+
+    out = np.empty_like(dense)
+    for g in np.unique(groups):
+        rows = groups == g
+        out[rows] = sc.pp.scale(ad.AnnData(dense[rows].copy()), max_value=max_value, copy=True).X
+    return out
+
+
+def test_gene_scaling_is_scanpys_scale_on_each_group():
+    dense = low_rank_sparse(n=900).toarray()
+    dense[:300, 0] = 0.0  # a gene constant in one group scales to 0, not to nan
+    matrix = sp.csr_matrix(dense)
+    rows = np.arange(900)
+    groups = np.repeat([2, 0, 1], 300)
+    scaling = gene_scaling(matrix, rows, groups, max_value=3.0)
+    scaled = scaling.rows(matrix, rows[::-1])  # any order of rows
+    expected = scaled_by_scanpy(matrix.toarray(), groups, max_value=3.0)[::-1]
+    np.testing.assert_allclose(scaled, expected, atol=1e-4)
+    assert np.abs(scaled).max() == 3.0  # clipped
+    assert (scaled[:, 0][::-1][:300] == 0).all()
+
+
+def test_pca_of_scaled_rows_equals_the_pca_of_the_dense_scaled_matrix(monkeypatch):
+    import scproto.data.preprocess as preprocess
+
+    matrix = low_rank_sparse(n=1200)
+    rows = np.arange(100, 1200)
+    groups = np.arange(rows.size) % 3
+    scaling = gene_scaling(matrix, rows, groups)
+    monkeypatch.setattr(preprocess, "SCALE_BLOCK_ROWS", 257)  # products over several blocks
+    ours = randomized_pca(matrix, 6, seed=0, rows=rows, scaling=scaling)
+    dense = scaled_by_scanpy(matrix[rows].toarray(), groups)
+    reference = randomized_pca(sp.csr_matrix(dense), 6, seed=0)
+    np.testing.assert_allclose(ours, reference, atol=1e-3)
